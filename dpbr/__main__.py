@@ -1,0 +1,5 @@
+"""``python -m dpbr`` runs the command line."""
+
+from dpbr.cli import main
+
+main()

@@ -1,0 +1,318 @@
+"""The ``dpbr`` command line (Typer). Parsing only: every command builds a spec and calls the library.
+
+Every error a user can cause prints ONE line ``dpbr: error: <option>: <what is allowed>`` on standard
+error and exits with code 2, leaving no output file and no traceback (:func:`main`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older versions depend on click itself
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _click_exc
+
+from dpbr.errors import UsageError
+
+app = typer.Typer(
+    name="dpbr",
+    help="Data privacy and Byzantine resilience in distributed SGD: simulate, measure, attack, plot.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Prepare datasets (download, import a local copy, verify, cache).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Progress reporting shared by long commands
+
+
+def make_progress(label: str, total: int, quiet: bool = False) -> tuple[Callable[[int, int, float | None], None], Callable[[], None]]:
+    """A progress callback ``(done, total, last_accuracy)`` and a ``close()``.
+
+    On a terminal: a rich progress bar with steps/s and the last accuracy. Otherwise: plain lines on
+    standard error every 10 % of the work (or every 30 s), so logs stay readable.
+    """
+    if quiet:
+        return (lambda done, tot, acc: None), (lambda: None)
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[rate]} steps/s"), TextColumn("acc {task.fields[acc]}"),
+                       TimeRemainingColumn(), transient=False)
+        task = bar.add_task(label, total=total, rate="-", acc="-")
+        bar.start()
+        start = time.perf_counter()
+
+        def update(done: int, tot: int, acc: float | None) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            fields: dict[str, Any] = {"rate": f"{rate:.1f}"}
+            if acc is not None:
+                fields["acc"] = f"{acc:.3f}"
+            bar.update(task, completed=done, **fields)
+
+        return update, bar.stop
+    state = {"next": 0.0, "t": time.perf_counter(), "start": time.perf_counter(), "acc": None}
+
+    def plain(done: int, tot: int, acc: float | None) -> None:
+        if acc is not None:
+            state["acc"] = acc
+        now = time.perf_counter()
+        if done / max(tot, 1) >= state["next"] or now - state["t"] >= 30 or done == tot:
+            rate = done / max(now - state["start"], 1e-9)
+            acc_txt = "-" if state["acc"] is None else f"{state['acc']:.4f}"
+            print(f"{label}: step {done}/{tot} ({rate:.1f} steps/s, last accuracy {acc_txt})", file=sys.stderr, flush=True)
+            state["next"] = done / max(tot, 1) + 0.1
+            state["t"] = now
+
+    return plain, (lambda: None)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# dpbr train
+
+
+def _steps_list(text: Optional[str], option: str) -> frozenset[int]:
+    if text is None or not text.strip() or text.strip().lower() == "none":
+        return frozenset()
+    try:
+        return frozenset(int(t) for t in text.replace(";", ",").split(",") if t.strip())
+    except ValueError:
+        raise UsageError(option, f"expected comma-separated step numbers such as '0,500,1000', got {text!r}") from None
+
+
+@app.command("train")
+def train_cmd(
+    dataset: str = typer.Option("mnist", "--dataset", help="Dataset: mnist, fashion-mnist, cifar10, cifar100, phishing, synthetic."),
+    model: str = typer.Option("cnn", "--model", help="Model: logit (d=69), cnn (d=431,080), lenet, resnet."),
+    workers: int = typer.Option(11, "--workers", help="Number of workers n."),
+    byzantine: int = typer.Option(5, "--byzantine", help="Declared Byzantine workers f (the rule's parameter)."),
+    byzantine_real: Optional[int] = typer.Option(None, "--byzantine-real", help="Real Byzantine workers [default: f; 0 with --attack none]."),
+    batch_size: int = typer.Option(50, "--batch-size", help="Mini-batch size b of each honest worker."),
+    steps: int = typer.Option(1000, "--steps", help="Number of training steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: the model's, 2 for logit and cnn]."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="Server momentum (SGD, dampening 0) [default: the model's, 0.99]."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Evaluate on the whole test split every this many steps (and at the last); 0 = only at the end."),
+    gar: str = typer.Option("average", "--gar", help="Aggregation rule with parameters, e.g. mda, 'multi-krum(m=4)', 'bucketing(s=2)+krum'."),
+    attack: str = typer.Option("none", "--attack", help="Attack with parameters, e.g. none, 'little(factor=1.5,negative=true)', 'empire(factor=1.1)'."),
+    epsilon: str = typer.Option("none", "--epsilon", help="Gaussian-mechanism epsilon in (0, 1); 'none' = no noise."),
+    delta: float = typer.Option(1e-6, "--delta", help="Gaussian-mechanism delta in (0, 1)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Clipping norm C; 'none' disables clipping [default: the model's, 0.01]."),
+    clip_mode: str = typer.Option("batch", "--clip-mode", help="Clip each worker's mini-batch gradient (batch, the study's) or each example (per-example, DP-SGD)."),
+    sparsify: str = typer.Option("none", "--sparsify", help="Zero this fraction of smallest-magnitude coordinates (per sign), e.g. 0.25; 'none'."),
+    quantize: str = typer.Option("none", "--quantize", help="Quantizer: none, 'uniform(bits=8)', 'stochastic(bits=4)', 'sign', 'qsgd(levels=16)'."),
+    partition: str = typer.Option("iid", "--partition", help="Worker data: iid, shards (label-sorted), 'dirichlet(alpha=0.5)'."),
+    worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (seed 004); 0 = none."),
+    seed: int = typer.Option(1, "--seed", help="Seed of every random stream of the run."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output Parquet file [default: results/train/<cell id>.parquet]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
+    grad_strategy: str = typer.Option("auto", "--grad-strategy", help="How honest gradients are computed: auto, closed-form (logit), loop, vmap."),
+    chunk: int = typer.Option(64, "--chunk", help="Examples per chunk of per-example gradients (memory bound)."),
+    checkpoint_steps: Optional[str] = typer.Option(None, "--checkpoint-steps", help="Save parameters at these steps, e.g. '0,500,1000' (for dpbr vn / reconstruct)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Folder of checkpoints [default: <out without .parquet>.ckpt]."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Run one simulated parameter-server cell on real data and write one Parquet row per step."""
+    from dpbr.spec import RunSpec
+    from dpbr.train import train
+
+    options: dict[str, Any] = dict(
+        dataset=dataset, model=model, workers=workers, byzantine=byzantine, batch_size=batch_size, steps=steps,
+        eval_every=eval_every, gar=gar, attack=attack, epsilon=epsilon, delta=delta, clip_mode=clip_mode,
+        sparsify=sparsify, quantize=quantize, partition=partition, worker_momentum=worker_momentum, seed=seed,
+    )
+    for key, value in (("byzantine_real", byzantine_real), ("lr", lr), ("momentum", momentum), ("clip", clip)):
+        if value is not None:
+            options[key] = value
+    spec = RunSpec.create(**options)
+    target = out if out is not None else spec.path("results")
+    ckpts = _steps_list(checkpoint_steps, "--checkpoint-steps")
+    update, close = make_progress(f"train {spec.gar}/{spec.attack} b={spec.batch_size}", spec.steps, quiet)
+    try:
+        path = train(spec, out=target, data_dir=data_dir, device=device, threads=threads, strategy=grad_strategy,
+                     chunk=chunk, checkpoint_steps=ckpts, checkpoint_dir=checkpoint_dir, progress=update)
+    finally:
+        close()
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# dpbr data
+
+
+@data_app.command("fetch")
+def data_fetch_cmd(
+    name: str = typer.Argument(..., help="Dataset name: mnist, fashion-mnist, cifar10, cifar100, phishing."),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Cache folder."),
+    source: Optional[Path] = typer.Option(None, "--from", help="Import this local copy instead of downloading (verified the same way)."),
+) -> None:
+    """Download (or import with --from), verify and cache a dataset."""
+    from dpbr import data
+
+    path = data.fetch(name, data_dir, source=source)
+    print(path)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# dpbr vn (issue 5) — section owned by the VN work
+
+
+def _value_list(text: Optional[str], option: str) -> list[Optional[str]]:
+    """``"10,50,100"`` → ``["10", "50", "100"]``; ``none``/empty entries → ``None`` (values are validated by the spec)."""
+    if text is None:
+        return [None]
+    parts = [t.strip() for t in str(text).replace(";", ",").split(",")]
+    if not any(parts):
+        raise UsageError(option, "expected one value or a comma-separated list")
+    return [None if p.lower() in ("", "none", "null", "inf") else p for p in parts]
+
+
+@app.command("vn")
+def vn_cmd(
+    checkpoint: str = typer.Option("init", "--checkpoint", help="Parameters: 'init' (the model's initial parameters for --seed), checkpoint files of 'dpbr train --checkpoint-steps', or their folder; comma-separated for a trajectory."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset [default: the checkpoint's; mnist for init]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model [default: the checkpoint's; cnn for init]."),
+    run: Optional[str] = typer.Option(None, "--run", help="Check that the checkpoint comes from this training run id (12 hex digits) or 'init'."),
+    step: Optional[int] = typer.Option(None, "--step", help="Check that the checkpoint is at this step."),
+    batch_size: str = typer.Option("50", "--batch-size", help="Batch size(s) b, e.g. '10,25,50,100,250,500'."),
+    epsilon: str = typer.Option("none", "--epsilon", help="Gaussian-mechanism epsilon(s) in (0, 1), e.g. 'none,0.1,0.2,0.5'."),
+    delta: float = typer.Option(1e-6, "--delta", help="Gaussian-mechanism delta in (0, 1)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="Clipping norm C; 'none' disables clipping [default: the model's, 0.01]."),
+    clip_mode: str = typer.Option("batch", "--clip-mode", help="Clip each mini-batch gradient (batch, the study's) or each example (per-example)."),
+    sparsify: str = typer.Option("none", "--sparsify", help="Sparsification fraction(s), e.g. 'none,0.25'."),
+    workers: int = typer.Option(11, "--workers", help="n at which the rules' bounds k_F(n, f) are evaluated."),
+    byzantine: int = typer.Option(5, "--byzantine", help="f at which the rules' bounds k_F(n, f) are evaluated."),
+    samples: int = typer.Option(64, "--samples", help="K independent mini-batch gradients per batch size."),
+    reference: int = typer.Option(0, "--reference", help="Examples in the reference (large-batch) gradient; 0 = the whole training split."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the percentile interval (0 = none)."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Level of the interval."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the initial parameters, mini-batches, noise and bootstrap."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
+    out: Optional[Path] = typer.Option(None, "--out", help="One Parquet with every row [default: one file per cell under --root]."),
+    root: Path = typer.Option(Path("results"), "--root", help="Results folder for per-cell files (<root>/vn/<cell id>.parquet)."),
+    min_b_out: Optional[Path] = typer.Option(None, "--min-b-out", help="Also write the minimal-batch-size table (Parquet)."),
+    eta_out: Optional[Path] = typer.Option(None, "--eta-out", help="Also write the eta-approximated condition table over the checkpoints (Parquet)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
+    grad_strategy: str = typer.Option("auto", "--grad-strategy", help="How the K mini-batch gradients are computed: auto, vmap (batched), loop."),
+    chunk: Optional[int] = typer.Option(None, "--chunk", help="Examples per batched gradient call (memory bound) [default: 8192]."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Measure the VN ratio (and the rules' conditions) for each batch size, privacy setting and checkpoint."""
+    from dpbr.vn.command import build_cells, run_vn
+
+    options: dict[str, Any] = dict(
+        dataset=dataset, model=model, run=run, step=step, delta=delta, clip_mode=clip_mode, workers=workers,
+        byzantine=byzantine, samples=samples, reference=reference, bootstrap=bootstrap, confidence=confidence,
+        seed=seed,
+    )
+    if clip is not None:
+        options["clip"] = clip
+    sizes = _value_list(batch_size, "--batch-size")
+    if None in sizes:
+        raise UsageError("--batch-size", "expected positive integers such as '10,50,100'")
+    cells = build_cells(
+        [c for c in checkpoint.split(",")], options, batch_sizes=sizes,
+        epsilons=_value_list(epsilon, "--epsilon"), sparsities=_value_list(sparsify, "--sparsify"),
+    )
+    first = cells[0][2][0]
+    update, close = make_progress(f"vn {first.model} on {first.dataset}", len(cells) * len(set(sizes)), quiet)
+    try:
+        paths = run_vn(cells, data_dir=data_dir, device=device, out=out, root=root, min_b_out=min_b_out,
+                       eta_out=eta_out, threads=threads, strategy=grad_strategy, chunk=chunk, progress=update)
+    finally:
+        close()
+    if not quiet:
+        shown = paths if len(paths) <= 4 else [*paths[:3], f"... ({len(paths)} files)"]
+        for p in shown:
+            print(f"wrote {p}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# dpbr reconstruct (issue 6) — section owned by the gradient-inversion work
+
+
+@app.command("reconstruct")
+def reconstruct_cmd(
+    attack: str = typer.Option("dlg", "--attack", help="dlg (L-BFGS, soft dummy label, squared gradient distance), idlg (label from the last layer's gradient, then DLG on the image), ig (Inverting Gradients: cosine distance + total variation, Adam on the signed gradient, box projection, step decay)."),
+    model: str = typer.Option("lenet", "--model", help="Attacked model: lenet (DLG's), cnn (the study's), 'resnet(depth=32,width=10)'."),
+    dataset: str = typer.Option("mnist", "--dataset", help="Image dataset: mnist, fashion-mnist, cifar10, cifar100 (where downloadable), synthetic."),
+    state: str = typer.Option("initial", "--state", help="Model state: 'initial' (as dpbr train with the same seed starts) or a checkpoint file from 'dpbr train --checkpoint-steps' (…/step=S.pt)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images in the attacked batch (1 … 1000)."),
+    defence: str = typer.Option("none", "--defence", help="Defence applied to the shared gradient (a privacy-mechanism spec): none, 'gaussian(sigma=0.01)', 'gaussian(epsilon=0.2,delta=1e-06,clip=0.01,batch_size=1)', 'sparsify(p=0.2)', 'quantize(bits=8,kind=uniform)', 'quantize(kind=sign)', 'clip(c=1)+gaussian(sigma=0.1)'."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Labels: soft (optimised; dlg), infer (iDLG rule), known [default: soft for dlg, infer for idlg, known for ig]."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help="L-BFGS steps (dlg, idlg; one step = one torch.optim.LBFGS.step with max_iter 20) or Adam iterations (ig) [default: 300; ig 4800]."),
+    restarts: int = typer.Option(1, "--restarts", help="Independent restarts, optimised together; the one with the smallest final gradient distance is scored."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate: L-BFGS (dlg, idlg) [default 1] or Adam (ig) [default 0.1]."),
+    tv: Optional[float] = typer.Option(None, "--tv", help="Total-variation weight [default: 0; ig 1e-4]."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the model initialisation, image choice, defence noise and dummy initialisation."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output Parquet file, one row per image: MSE, PSNR, SSIM (standard Gaussian-window SSIM of Wang et al. 2004, 11x11, sigma 1.5 — not CW-SSIM), label correct, success at MSE < 1e-2/1e-3/1e-4 [default: results/reconstruct/<cell id>.parquet]."),
+    png: Optional[Path] = typer.Option(None, "--png", help="PNG grid, originals above and matched reconstructions below [default: --out with .png]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads [default: 1 for small problems, else torch's]."),
+    strategy: str = typer.Option("auto", "--strategy", help="How restarts are evaluated: auto, loop (autograd per restart), vmap (torch.func, all at once)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Reconstruct training images from the gradient a worker shares (DLG, iDLG, Inverting Gradients) and score them."""
+    from dpbr.inversion.run import reconstruct
+    from dpbr.spec import ReconSpec
+
+    spec = ReconSpec.create(attack=attack, model=model, dataset=dataset, state=state, batch_size=batch_size,
+                            defence=defence, labels=labels, iterations=iterations, restarts=restarts, lr=lr, tv=tv,
+                            seed=seed)
+    target = out if out is not None else spec.path("results")
+    update, close = make_progress(f"reconstruct {spec.attack} b={spec.batch_size}", spec.iterations, quiet)
+    try:
+        path, image = reconstruct(spec, out=target, png=png, data_dir=data_dir, device=device, threads=threads,
+                                  strategy=strategy, progress=lambda done, total: update(done, total, None))
+    finally:
+        close()
+    if not quiet:
+        print(f"wrote {path} and {image}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# dpbr aggregate / dpbr plot (issue 4) — section owned by the workflow work
+
+
+# ----------------------------------------------------------------------------------------------- #
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dpbr`` console script: one-line errors with exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="dpbr", standalone_mode=False)
+    except UsageError as exc:
+        print(f"dpbr: error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(2)
+    except _click_exc.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except _click_exc.UsageError as exc:
+        msg = " ".join(exc.format_message().split())
+        print(f"dpbr: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("dpbr: interrupted", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(rv, int) and rv != 0:
+        sys.exit(rv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

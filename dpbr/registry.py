@@ -1,0 +1,208 @@
+"""Named, parameterised components: ``"multi-krum(m=4)"``, ``"bucketing(s=2)+krum"``.
+
+Aggregation rules, attacks and privacy mechanisms are looked up by a *spec string*: a name, optionally
+followed by keyword parameters in parentheses, and for composable kinds several such terms joined
+by ``+``. This module parses and prints those strings canonically (so that equal specs give equal cell
+ids) and holds the small registry class each component family uses.
+
+Grammar::
+
+    spec   := term ("+" term)*
+    term   := name [ "(" [ key "=" value ("," key "=" value)* ] ")" ]
+    value  := int | float | true | false | none | bare-word
+
+Examples: ``parse("bucketing(s=2)+krum") == [("bucketing", {"s": 2}), ("krum", {})]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+T = TypeVar("T")
+
+_TERM = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_\-]*)\s*(?:\((.*)\))?\s*$", re.S)
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+def format_float(x: float) -> str:
+    """Canonical, round-trip-exact text of a number: ``1.0 -> "1"``, ``0.2 -> "0.2"``, ``1e-06 -> "1e-06"``.
+
+    Integral values print without a decimal point, everything else with Python's shortest
+    round-trip ``repr``; ``inf``/``nan`` print as ``inf``/``nan``. Used for every float in a cell id,
+    so that YAML's ``1``, ``1.0`` and ``1.0e0`` name the same cell.
+    """
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == int(x) and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x)
+
+
+def parse_value(text: str) -> Any:
+    """Parse one parameter value: int, float, bool, ``none`` or a bare word (returned as ``str``)."""
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if _INT.match(t):
+        return int(t)
+    try:
+        return float(t)
+    except ValueError:
+        return t
+
+
+def format_value(v: Any) -> str:
+    """Canonical text of a parameter value (inverse of :func:`parse_value`)."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return format_float(v)
+    return str(v)
+
+
+def parse(spec: str, *, option: str = "spec") -> list[tuple[str, dict[str, Any]]]:
+    """Split a spec string into ``[(name, params), ...]`` terms.
+
+    Raises
+    ------
+    dpbr.errors.UsageError
+        When the text does not follow the grammar above (the message names ``option``).
+    """
+    from dpbr.errors import UsageError
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(option, "empty; expected a name such as 'krum' or 'multi-krum(m=4)'")
+    terms: list[tuple[str, dict[str, Any]]] = []
+    for raw in _split_top_level(spec, "+"):
+        m = _TERM.match(raw)
+        if not m:
+            raise UsageError(option, f"cannot parse {raw.strip()!r}; expected name or name(key=value, ...)")
+        name, args = m.group(1).lower(), m.group(2)
+        if args is not None and ("(" in args or ")" in args):
+            raise UsageError(option, f"cannot parse {raw.strip()!r}; parameters are key=value without parentheses")
+        params: dict[str, Any] = {}
+        if args is not None and args.strip():
+            for part in _split_top_level(args, ","):
+                if "=" not in part:
+                    raise UsageError(option, f"parameter {part.strip()!r} of {name!r} must be key=value")
+                key, value = part.split("=", 1)
+                key = key.strip().replace("-", "_")
+                if not key.isidentifier():
+                    raise UsageError(option, f"bad parameter name {key!r} in {name!r}")
+                params[key] = parse_value(value)
+        terms.append((name, params))
+    return terms
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside parentheses."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def format_term(name: str, params: Mapping[str, Any]) -> str:
+    """Canonical text of one term: parameters sorted by key, ``name`` alone when there are none."""
+    if not params:
+        return name
+    inner = ",".join(f"{k}={format_value(params[k])}" for k in sorted(params))
+    return f"{name}({inner})"
+
+
+def canonical(spec: str, *, option: str = "spec") -> str:
+    """Canonical text of a spec string (lower-case names, sorted parameters, canonical numbers)."""
+    return "+".join(format_term(n, p) for n, p in parse(spec, option=option))
+
+
+@dataclass
+class Registry(Generic[T]):
+    """A name → factory table for one family of components (rules, attacks, mechanisms).
+
+    ``factory(**params)`` builds the component; unknown names and unknown parameters become a
+    :class:`dpbr.errors.UsageError` naming ``option`` and listing what is allowed.
+    """
+
+    kind: str
+    option: str
+    _factories: dict[str, Callable[..., T]] = field(default_factory=dict)
+    _aliases: dict[str, str] = field(default_factory=dict)
+
+    def register(self, name: str, *aliases: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator registering ``factory`` under ``name`` (and optional aliases)."""
+
+        def deco(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories:
+                raise RuntimeError(f"{self.kind} {name!r} registered twice")
+            self._factories[name] = factory
+            for a in aliases:
+                self._aliases[a] = name
+            return factory
+
+        return deco
+
+    def names(self) -> list[str]:
+        """Registered names (aliases excluded), sorted."""
+        return sorted(self._factories)
+
+    def resolve(self, name: str) -> str:
+        """The registered name for ``name`` or an alias of it."""
+        from dpbr.errors import UsageError
+
+        key = name.strip().lower()
+        key = self._aliases.get(key, key)
+        if key not in self._factories:
+            raise UsageError(self.option, f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
+        return key
+
+    def build(self, name: str, **params: Any) -> T:
+        """Build the component ``name`` with ``params``; bad parameter names give a UsageError."""
+        import inspect
+
+        from dpbr.errors import UsageError
+
+        key = self.resolve(name)
+        factory = self._factories[key]
+        sig = inspect.signature(factory)
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+        allowed = [p for p in sig.parameters if sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+        unknown = [k for k in params if k not in sig.parameters and not accepts_any]
+        if unknown:
+            raise UsageError(
+                self.option,
+                f"{self.kind} {key!r} has no parameter {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}",
+            )
+        try:
+            return factory(**params)
+        except UsageError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise UsageError(self.option, f"{self.kind} {key!r}: {exc}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._aliases.get(name.lower(), name.lower()) in self._factories

@@ -1,0 +1,757 @@
+"""One experiment cell = one frozen spec = one output file.
+
+The spec classes here are the single source of truth for what a cell is and where its output lives:
+the command line builds a spec from its options, the Snakemake workflow builds the same spec from the
+configuration grid, and both name the output with :meth:`CellSpec.cell_id` / :meth:`CellSpec.path`.
+
+A cell id is a readable path of ``key=value`` parts, grouped into directories, e.g.::
+
+    dataset=mnist,model=cnn/gar=mda,attack=little_factor=1.5_negative=true/
+    epsilon=0.2,delta=1e-06,clip=0.01,clip_mode=batch,sparsify=none,quantize=none/
+    batch_size=50,workers=11,byzantine=5,byzantine_real=5,steps=1000,lr=2,momentum=0.99,.../seed=1
+
+Floats are printed canonically (:func:`dpbr.registry.format_float`: ``1.0 -> 1``, ``1e-06``), absent
+values as ``none``, and component spec strings (``little(factor=1.5,negative=true)``) in a path-safe
+form, so that every way of writing the same cell gives the same id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from dpbr.errors import UsageError
+from dpbr.registry import canonical, format_float
+
+__all__ = [
+    "CellSpec",
+    "RunSpec",
+    "option_name",
+    "parse_optional_float",
+    "path_token",
+]
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=+\-]")
+
+
+def option_name(field_name: str) -> str:
+    """The command-line option of a spec field: ``batch_size -> --batch-size``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def path_token(value: Any) -> str:
+    """Path-safe canonical text of one value (used in cell ids).
+
+    ``None -> "none"``, booleans ``true``/``false``, floats via :func:`format_float`, component spec
+    strings with ``(`` and ``,`` turned into ``_`` and ``)`` dropped:
+    ``"little(factor=1.5,negative=true)" -> "little_factor=1.5_negative=true"``.
+    """
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return format_float(value)
+    text = str(value).replace("(", "_").replace(",", "_").replace(")", "")
+    return _SAFE.sub("-", text)
+
+
+def parse_optional_float(value: Any, option: str) -> float | None:
+    """``None``/``"none"``/``"null"``/``"inf"`` → ``None``; numbers and numeric strings → float.
+
+    ``inf`` means "no privacy" for ``--epsilon`` (the study writes ε = ∞), so it maps to ``None`` too.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise UsageError(option, f"expected a number or 'none', got {value!r}")
+    if isinstance(value, (int, float)):
+        return None if math.isinf(value) and value > 0 else float(value)
+    text = str(value).strip().lower()
+    if text in ("none", "null", "", "inf", "infinity"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(option, f"expected a number or 'none', got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Base of every cell spec: canonical id, path, JSON and column forms.
+
+    Subclasses are frozen dataclasses that set ``kind`` (the output folder, e.g. ``"train"``) and
+    ``layout`` (groups of field names; each group becomes one directory level of the cell id). Every
+    field must appear in exactly one group.
+    """
+
+    kind: ClassVar[str] = "cell"
+    layout: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    def cell_id(self) -> str:
+        """The canonical, readable id of this cell: ``key=value`` parts grouped into directories."""
+        return "/".join(",".join(f"{k}={path_token(getattr(self, k))}" for k in group) for group in self.layout)
+
+    def path(self, root: str | Path = "results", suffix: str = ".parquet") -> Path:
+        """Output path ``<root>/<kind>/<cell_id><suffix>`` — the only way output paths are built."""
+        return Path(root) / self.kind / f"{self.cell_id()}{suffix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ``{field: value}`` mapping (JSON-compatible)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys) of the spec, with its kind."""
+        return json.dumps({"kind": self.kind, **self.to_dict()}, sort_keys=True)
+
+    def columns(self) -> dict[str, Any]:
+        """The cell's parameters as Parquet columns (every output row carries them), plus ``cell_id``."""
+        return {**self.to_dict(), "cell_id": self.cell_id()}
+
+    def cli_args(self) -> list[str]:
+        """The command-line options that rebuild this spec (``["--batch-size", "50", ...]``)."""
+        args: list[str] = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            args += [option_name(f.name), _cli_text(v)]
+        return args
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Rebuild (and re-validate) a spec from :meth:`to_dict` output or a config mapping."""
+        names = {f.name for f in fields(cls)}
+        extra = sorted(set(data) - names - {"kind"})
+        if extra:
+            raise UsageError(extra[0], f"unknown {cls.kind} parameter; allowed: {', '.join(sorted(names))}")
+        return cls.create(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def create(cls, **options: Any):  # pragma: no cover - overridden
+        """Validate and normalise ``options`` into a spec (subclasses implement)."""
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        listed = [k for group in self.layout for k in group]
+        names = [f.name for f in fields(self)]
+        if sorted(listed) != sorted(names):
+            raise TypeError(f"{type(self).__name__}.layout must list every field exactly once")
+
+
+def _cli_text(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return format_float(v)
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Validation helpers (each raises a one-line UsageError naming the option and what is allowed)
+
+
+def _int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    opt = option_name(name)
+    if isinstance(value, bool):
+        raise UsageError(opt, f"expected an integer, got {value!r}")
+    try:
+        as_float = float(value)
+        if not as_float.is_integer():
+            raise ValueError
+        out = int(as_float)
+    except (TypeError, ValueError):
+        raise UsageError(opt, f"expected an integer, got {value!r}") from None
+    if low is not None and out < low:
+        raise UsageError(opt, f"must be >= {low}, got {out}")
+    if high is not None and out > high:
+        raise UsageError(opt, f"must be <= {high}, got {out}")
+    return out
+
+
+def _float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> float:
+    opt = option_name(name)
+    if isinstance(value, bool):
+        raise UsageError(opt, f"expected a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(opt, f"expected a number, got {value!r}") from None
+    too_low = low is not None and (out <= low if low_open else out < low)
+    too_high = high is not None and (out >= high if high_open else out > high)
+    if math.isnan(out) or too_low or too_high:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {format_float(low)}")
+        if high is not None:
+            parts.append(f"{'<' if high_open else '<='} {format_float(high)}")
+        raise UsageError(opt, f"must be {' and '.join(parts) or 'a number'}, got {format_float(out)}")
+    return out
+
+
+def _choice(value: Any, name: str, allowed: list[str]) -> str:
+    text = str(value).strip().lower()
+    if text not in allowed:
+        raise UsageError(option_name(name), f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class RunSpec(CellSpec):
+    """One ``dpbr train`` cell: the simulated parameter-server run (REFERENCE §1–2).
+
+    Build it with :meth:`create`, which validates every value, resolves model defaults (learning rate,
+    momentum, clipping norm) and canonicalises component names, so that equal cells compare equal.
+    """
+
+    kind: ClassVar[str] = "train"
+    layout: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("dataset", "model"),
+        ("gar", "attack"),
+        ("epsilon", "delta", "clip", "clip_mode", "sparsify", "quantize"),
+        ("batch_size", "workers", "byzantine", "byzantine_real", "steps", "lr", "momentum",
+         "eval_every", "partition", "worker_momentum"),
+        ("seed",),
+    )
+
+    dataset: str = "mnist"
+    model: str = "cnn"
+    gar: str = "average"
+    attack: str = "none"
+    epsilon: float | None = None
+    delta: float = 1e-6
+    clip: float | None = 0.01
+    clip_mode: str = "batch"
+    sparsify: float | None = None
+    quantize: str | None = None
+    batch_size: int = 50
+    workers: int = 11
+    byzantine: int = 5
+    byzantine_real: int = 0
+    steps: int = 1000
+    lr: float = 2.0
+    momentum: float = 0.99
+    eval_every: int = 50
+    partition: str = "iid"
+    worker_momentum: float = 0.0
+    seed: int = 1
+
+    CLIP_MODES: ClassVar[tuple[str, ...]] = ("batch", "per-example")
+
+    @classmethod
+    def create(cls, **options: Any) -> "RunSpec":
+        """Validate ``options`` (field names) and return the canonical spec.
+
+        Defaults: ``lr``, ``momentum`` and ``clip`` come from the model's defaults when absent
+        (:func:`dpbr.models.default_hparams`); ``byzantine_real`` defaults to ``byzantine`` and is 0
+        with ``attack="none"`` (the study's baseline: all n workers honest).
+
+        Raises
+        ------
+        UsageError
+            For any unknown name or value out of range, naming the option and what is allowed.
+        """
+        from dpbr import data, models
+        from dpbr.privacy import mechanisms
+        from dpbr.robust import aggregators, attacks
+
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
+        o = {f.name: options.get(f.name, _MISSING) for f in fields(cls)}
+
+        dataset = data.canonical_name(str(o["dataset"] if o["dataset"] is not _MISSING else cls.dataset).strip())
+        model = str(o["model"] if o["model"] is not _MISSING else cls.model).strip()
+        model_names = models.names()
+        if _base(model, "--model") not in model_names:
+            raise UsageError("--model", f"unknown model {model!r}; allowed: {', '.join(model_names)}")
+        model = canonical(model, option="--model")
+        _check_model_dataset(model, dataset)
+        hp = models.default_hparams(model)
+
+        def given(name: str, default: Any) -> Any:
+            return default if o[name] is _MISSING else o[name]
+
+        workers = _int(given("workers", cls.workers), "workers", low=1)
+        byzantine = _int(given("byzantine", cls.byzantine), "byzantine", low=0, high=max(workers - 1, 0))
+
+        attack = attacks.get(canonical(str(given("attack", cls.attack)), option="--attack")).name
+        attack_none = attack == "none"
+        real_default = 0 if attack_none else byzantine
+        byzantine_real = _int(given("byzantine_real", real_default), "byzantine_real", low=0, high=workers - 1)
+        if attack_none and byzantine_real:
+            raise UsageError("--byzantine-real", "must be 0 with --attack none (every worker is honest)")
+        if not attack_none and byzantine_real == 0:
+            raise UsageError("--byzantine-real", f"must be >= 1 with --attack {attack} (use --attack none for no attack)")
+
+        gar = canonical(str(given("gar", cls.gar)), option="--gar")
+        rule = aggregators.get(gar)
+        try:
+            rule.check(workers, byzantine)
+        except ValueError as exc:
+            raise UsageError("--byzantine", str(exc)) from None
+
+        epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
+        delta = _float(given("delta", cls.delta), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
+        if epsilon is not None:
+            epsilon = _float(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=True)
+        clip = parse_optional_float(given("clip", hp.get("clip", cls.clip)), "--clip")
+        if clip is not None:
+            clip = _float(clip, "clip", low=0.0, low_open=True)
+        if epsilon is not None and clip is None:
+            raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
+        clip_mode = _choice(given("clip_mode", cls.clip_mode), "clip_mode", list(cls.CLIP_MODES))
+        sparsify = parse_optional_float(given("sparsify", None), "--sparsify")
+        if sparsify is not None:
+            sparsify = _float(sparsify, "sparsify", low=0.0, high=1.0, high_open=True)
+        quantize_raw = given("quantize", None)
+        quantize = None
+        if quantize_raw is not None and str(quantize_raw).strip().lower() not in ("none", "null", ""):
+            text = str(quantize_raw).strip()
+            if text.isdigit():  # "--quantize 8" means uniform 8-bit
+                text = f"uniform(bits={text})"
+            term = mechanisms_quantize_term(text)
+            mechanisms.get(term)  # validates kind and parameters
+            quantize = _quantize_label(term)
+
+        batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
+        steps = _int(given("steps", cls.steps), "steps", low=1)
+        lr = _float(given("lr", hp.get("lr", cls.lr)), "lr", low=0.0, low_open=True)
+        momentum = _float(given("momentum", hp.get("momentum", cls.momentum)), "momentum", low=0.0, high=1.0, high_open=True)
+        eval_every = _int(given("eval_every", cls.eval_every), "eval_every", low=0)
+        partition = canonical(str(given("partition", cls.partition)), option="--partition")
+        if _base(partition, "--partition") not in PARTITIONS:
+            raise UsageError("--partition", f"unknown partition {partition!r}; allowed: {', '.join(PARTITIONS)}")
+        worker_momentum = _float(given("worker_momentum", cls.worker_momentum), "worker_momentum", low=0.0, high=1.0, high_open=True)
+        seed = _int(given("seed", cls.seed), "seed", low=0)
+
+        return cls(
+            dataset=dataset, model=model, gar=rule.name, attack=attack, epsilon=epsilon, delta=delta,
+            clip=clip, clip_mode=clip_mode, sparsify=sparsify, quantize=quantize, batch_size=batch_size,
+            workers=workers, byzantine=byzantine, byzantine_real=byzantine_real, steps=steps, lr=lr,
+            momentum=momentum, eval_every=eval_every, partition=partition, worker_momentum=worker_momentum,
+            seed=seed,
+        )
+
+    # -- derived views ------------------------------------------------------------------------- #
+
+    @property
+    def honest(self) -> int:
+        """Number of honest workers ``n − f_real``."""
+        return self.workers - self.byzantine_real
+
+    def privacy_spec(self) -> str | None:
+        """The privacy pipeline as a mechanism spec string (clip → gaussian → sparsify → quantize), or None."""
+        terms: list[str] = []
+        if self.clip is not None:
+            terms.append(f"clip(c={format_float(self.clip)},mode={self.clip_mode})")
+        if self.epsilon is not None:
+            terms.append(
+                f"gaussian(batch_size={self.batch_size},clip={format_float(self.clip)},"
+                f"delta={format_float(self.delta)},epsilon={format_float(self.epsilon)})"
+            )
+        if self.sparsify is not None and self.sparsify > 0:
+            terms.append(f"sparsify(p={format_float(self.sparsify)})")
+        if self.quantize is not None:
+            terms.append(mechanisms_quantize_term(self.quantize))
+        return "+".join(terms) if terms else None
+
+    def label(self) -> str:
+        """A short human label for plots: ``mda/little``."""
+        return f"{self.gar}/{self.attack}"
+
+
+PARTITIONS: tuple[str, ...] = ("iid", "shards", "dirichlet")
+"""Worker data partitions: IID sampling from the whole set, label-sorted shards, Dirichlet(alpha)."""
+
+
+def _base(spec_text: str, option: str) -> str:
+    from dpbr.registry import parse
+
+    return parse(spec_text, option=option)[0][0]
+
+
+def _check_model_dataset(model: str, dataset: str) -> None:
+    """Refuse model/dataset pairs whose input shapes cannot match (e.g. ``logit`` on MNIST)."""
+    from dpbr import data, models
+
+    info = data.info(dataset)
+    try:
+        models.check_input(model, info.input_shape, info.num_classes)
+    except ValueError as exc:
+        raise UsageError("--model", str(exc)) from None
+
+
+class _Missing:
+    def __repr__(self) -> str:  # pragma: no cover
+        return "<missing>"
+
+
+_MISSING: Any = _Missing()
+
+
+def mechanisms_quantize_term(text: str) -> str:
+    """The mechanism spec of a ``--quantize`` value: ``"uniform(bits=8)" -> "quantize(bits=8,kind=uniform)"``.
+
+    Accepted forms: a kind with parameters (``uniform(bits=8)``, ``stochastic(bits=4)``, ``sign``,
+    ``qsgd(levels=16)``) or an already complete ``quantize(...)`` term.
+    """
+    from dpbr.registry import format_term, parse
+
+    terms = parse(text, option="--quantize")
+    if len(terms) != 1:
+        raise UsageError("--quantize", f"expected one quantizer such as 'uniform(bits=8)', got {text!r}")
+    name, params = terms[0]
+    if name == "quantize":
+        return format_term("quantize", params)
+    return format_term("quantize", {**params, "kind": name})
+
+
+def _quantize_label(term: str) -> str:
+    """Inverse of :func:`mechanisms_quantize_term`: ``quantize(bits=8,kind=uniform) -> uniform(bits=8)``."""
+    from dpbr.registry import format_term, parse
+
+    (_, params), = parse(term, option="--quantize")
+    params = dict(params)
+    kind = str(params.pop("kind", "uniform"))
+    return format_term(kind, params)
+
+
+def replace(spec: CellSpec, **changes: Any) -> CellSpec:
+    """A re-validated copy of ``spec`` with ``changes`` applied."""
+    return type(spec).create(**{**spec.to_dict(), **changes})
+
+
+
+# ----------------------------------------------------------------------------------------------- #
+# VNSpec (issue 5: dpbr vn) — section owned by the VN work
+
+
+_RUN_TOKEN = re.compile(r"^[0-9a-f]{12}$")
+
+
+def run_token(run: "RunSpec | Mapping[str, Any]") -> str:
+    """Short id of the training run a checkpoint comes from: ``sha256(canonical spec JSON)[:12]``.
+
+    ``run`` is a :class:`RunSpec` or its :meth:`~CellSpec.to_dict` (what ``dpbr train`` stores in every
+    checkpoint under ``"spec"``), so the workflow (from the RunSpec) and ``dpbr vn`` (from the file)
+    name the same trajectory the same way, whatever folder the checkpoints live in.
+    """
+    import hashlib
+
+    data = run.to_dict() if isinstance(run, CellSpec) else dict(run)
+    data.pop("kind", None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class VNSpec(CellSpec):
+    """One ``dpbr vn`` cell: the VN ratio of a model at one parameter vector, batch size and privacy.
+
+    ``run``/``step`` say where the parameters come from: ``run="init"``, ``step=0`` for the model's
+    initial parameters (the same as ``dpbr train``'s step 0 with the same ``seed``), or the
+    :func:`run_token` of a training run and the step of one of its checkpoints. ``samples`` is the
+    number ``K`` of independent mini-batch gradients, ``reference`` the size of the large batch for
+    the reference gradient (0 = the whole training split), ``bootstrap``/``confidence`` the percentile
+    bootstrap interval. ``workers``/``byzantine`` are the ``n, f`` at which the rules' bounds
+    ``k_F(n, f)`` are evaluated. See :mod:`dpbr.vn`.
+    """
+
+    kind: ClassVar[str] = "vn"
+    layout: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("dataset", "model"),
+        ("run", "step"),
+        ("epsilon", "delta", "clip", "clip_mode", "sparsify"),
+        ("batch_size", "workers", "byzantine", "samples", "reference", "bootstrap", "confidence"),
+        ("seed",),
+    )
+
+    dataset: str = "mnist"
+    model: str = "cnn"
+    run: str = "init"
+    step: int = 0
+    epsilon: float | None = None
+    delta: float = 1e-6
+    clip: float | None = 0.01
+    clip_mode: str = "batch"
+    sparsify: float | None = None
+    batch_size: int = 50
+    workers: int = 11
+    byzantine: int = 5
+    samples: int = 64
+    reference: int = 0
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 1
+
+    @classmethod
+    def create(cls, **options: Any) -> "VNSpec":
+        """Validate ``options`` (field names) and return the canonical spec.
+
+        ``clip`` defaults to the model's (:func:`dpbr.models.default_hparams`, 0.01 for logit and cnn).
+
+        Raises
+        ------
+        UsageError
+            For any unknown name or value out of range, naming the option and what is allowed.
+        """
+        from dpbr import data, models
+
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
+        o = {f.name: options.get(f.name, _MISSING) for f in fields(cls)}
+
+        def given(name: str, default: Any) -> Any:
+            return default if o[name] is _MISSING else o[name]
+
+        dataset = str(given("dataset", cls.dataset)).strip()
+        if _base(dataset, "--dataset") not in data.names():
+            raise UsageError("--dataset", f"unknown dataset {dataset!r}; allowed: {', '.join(data.names())}")
+        model = str(given("model", cls.model)).strip()
+        if _base(model, "--model") not in models.names():
+            raise UsageError("--model", f"unknown model {model!r}; allowed: {', '.join(models.names())}")
+        model = canonical(model, option="--model")
+        _check_model_dataset(model, dataset)
+        hp = models.default_hparams(model)
+
+        run = str(given("run", cls.run)).strip().lower()
+        if run != "init" and not _RUN_TOKEN.match(run):
+            raise UsageError("--run", f"expected 'init' or the 12-hex-digit id of a training run, got {run!r}")
+        step = _int(given("step", 0), "step", low=0)
+        if run == "init" and step != 0:
+            raise UsageError("--step", f"must be 0 for the initial parameters (run 'init'), got {step}")
+
+        epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
+        if epsilon is not None:
+            epsilon = _float(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=True)
+        delta = _float(given("delta", cls.delta), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
+        clip = parse_optional_float(given("clip", hp.get("clip", cls.clip)), "--clip")
+        if clip is not None:
+            clip = _float(clip, "clip", low=0.0, low_open=True)
+            if math.isinf(clip):
+                raise UsageError("--clip", "must be finite (use 'none' for no clipping)")
+        if epsilon is not None and clip is None:
+            raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
+        clip_mode = _choice(given("clip_mode", cls.clip_mode), "clip_mode", list(RunSpec.CLIP_MODES))
+        sparsify = parse_optional_float(given("sparsify", None), "--sparsify")
+        if sparsify is not None:
+            sparsify = _float(sparsify, "sparsify", low=0.0, high=1.0, high_open=True)
+            if sparsify == 0.0:
+                sparsify = None
+
+        batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
+        workers = _int(given("workers", cls.workers), "workers", low=1)
+        byzantine = _int(given("byzantine", cls.byzantine), "byzantine", low=0, high=max(workers - 1, 0))
+        samples = _int(given("samples", cls.samples), "samples", low=2)
+        reference = _int(given("reference", cls.reference), "reference", low=0)
+        bootstrap = _int(given("bootstrap", cls.bootstrap), "bootstrap", low=0)
+        if 0 < bootstrap < 100:
+            raise UsageError("--bootstrap", f"must be 0 (no interval) or >= 100 resamples, got {bootstrap}")
+        confidence = _float(given("confidence", cls.confidence), "confidence", low=0.0, high=1.0,
+                            low_open=True, high_open=True)
+        seed = _int(given("seed", cls.seed), "seed", low=0)
+        return cls(dataset=dataset, model=model, run=run, step=step, epsilon=epsilon, delta=delta, clip=clip,
+                   clip_mode=clip_mode, sparsify=sparsify, batch_size=batch_size, workers=workers,
+                   byzantine=byzantine, samples=samples, reference=reference, bootstrap=bootstrap,
+                   confidence=confidence, seed=seed)
+
+    # -- derived views ------------------------------------------------------------------------- #
+
+    def privacy_label(self) -> str:
+        """Short label of the privacy setting: ``none``, ``eps=0.2``, ``sparsify=0.25``, ``eps=0.2+sparsify=0.25``."""
+        parts = []
+        if self.epsilon is not None:
+            parts.append(f"eps={format_float(self.epsilon)}")
+        if self.sparsify is not None:
+            parts.append(f"sparsify={format_float(self.sparsify)}")
+        return "+".join(parts) or "none"
+
+    def mechanism_spec(self) -> str | None:
+        """The privacy mechanisms applied after clipping, as a :mod:`dpbr.privacy.mechanisms` spec, or None."""
+        terms: list[str] = []
+        if self.epsilon is not None:
+            terms.append(f"gaussian(batch_size={self.batch_size},clip={format_float(self.clip)},"
+                         f"delta={format_float(self.delta)},epsilon={format_float(self.epsilon)})")
+        if self.sparsify is not None:
+            terms.append(f"sparsify(p={format_float(self.sparsify)})")
+        return "+".join(terms) if terms else None
+
+
+# ----------------------------------------------------------------------------------------------- #
+# ReconSpec (issue 6: dpbr reconstruct) — section owned by the gradient-inversion work
+
+
+@dataclass(frozen=True)
+class ReconSpec(CellSpec):
+    """One ``dpbr reconstruct`` cell: a gradient-inversion attack on one batch (REFERENCE §6).
+
+    Fields
+    ------
+    dataset, model:
+        An image dataset (``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, image ``synthetic``)
+        and a classifier (``lenet`` — DLG's —, ``cnn``, ``resnet(...)``).
+    state:
+        ``"initial"`` (the model as ``dpbr train`` with the same seed would start: built with
+        ``seed = derive_seed(seed, "model")``) or the path of a ``dpbr train --checkpoint-steps``
+        file ``…/step=S.pt`` (the "start / middle / near convergence" phases of seed 002). In the cell
+        id a checkpoint appears as ``<file stem>-<8 hex digits of the SHA-256 of the normalised path>``.
+    attack, labels:
+        ``dlg`` (labels ``soft``: optimised soft label), ``idlg`` (``infer`` from the last layer's
+        gradient — iDLG —, or ``known``), ``ig`` (``known`` — as in Inverting Gradients' experiments —,
+        ``infer`` or ``soft``).
+    defence:
+        A privacy-mechanism spec string applied to the shared gradient (``gaussian(sigma=0.01)``,
+        ``sparsify(p=0.2)``, ``quantize(bits=8,kind=uniform)``, ``clip(c=1)+gaussian(...)``, ...) or None.
+    batch_size:
+        Images in the attacked batch, 1 … 1000.
+    iterations, restarts, lr, tv:
+        L-BFGS steps (DLG/iDLG, default 300) or Adam iterations (IG, default 4800); independent
+        restarts (default 1); L-BFGS learning rate (default 1, DLG's) or Adam's (default 0.1, IG's);
+        total-variation weight (default 0 for DLG/iDLG, 1e-4 for IG).
+    seed:
+        Seeds the model initialisation (state ``initial``), the choice of images, the defence's noise
+        and the dummy initialisation, each from its own stream (:mod:`dpbr.rng`).
+    """
+
+    kind: ClassVar[str] = "reconstruct"
+    layout: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("dataset", "model", "state"),
+        ("attack", "labels", "defence"),
+        ("batch_size", "iterations", "restarts", "lr", "tv"),
+        ("seed",),
+    )
+
+    dataset: str = "mnist"
+    model: str = "lenet"
+    state: str = "initial"
+    attack: str = "dlg"
+    labels: str = "soft"
+    defence: str | None = None
+    batch_size: int = 1
+    iterations: int = 300
+    restarts: int = 1
+    lr: float = 1.0
+    tv: float = 0.0
+    seed: int = 1
+
+    ATTACKS: ClassVar[tuple[str, ...]] = ("dlg", "idlg", "ig")
+    LABELS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dlg": ("soft",), "idlg": ("infer", "known"), "ig": ("known", "infer", "soft"),
+    }
+    DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "dlg": {"iterations": 300, "lr": 1.0, "tv": 0.0},
+        "idlg": {"iterations": 300, "lr": 1.0, "tv": 0.0},
+        "ig": {"iterations": 4800, "lr": 0.1, "tv": 1e-4},
+    }
+    MODELS: ClassVar[tuple[str, ...]] = ("lenet", "cnn", "resnet")
+    MAX_BATCH: ClassVar[int] = 1000
+    MAX_RESTARTS: ClassVar[int] = 1024
+
+    @classmethod
+    def create(cls, **options: Any) -> "ReconSpec":
+        """Validate ``options`` (field names) and return the canonical spec.
+
+        Per-attack defaults (``labels``, ``iterations``, ``lr``, ``tv``) fill what is not given
+        (:attr:`DEFAULTS`, :attr:`LABELS` — the first allowed labels mode is the default).
+
+        Raises
+        ------
+        UsageError
+            For any unknown name or value out of range, naming the option and what is allowed.
+        """
+        from dpbr import data
+        from dpbr.privacy import mechanisms
+
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
+        o = {k: v for k, v in options.items() if v is not None or k == "defence"}
+
+        def given(name: str, default: Any) -> Any:
+            return o.get(name, default)
+
+        attack = _choice(given("attack", cls.attack), "attack", list(cls.ATTACKS))
+        defaults = cls.DEFAULTS[attack]
+        labels = _choice(given("labels", cls.LABELS[attack][0]), "labels", list(cls.LABELS[attack]))
+
+        dataset_text = str(given("dataset", cls.dataset)).strip()
+        dataset = data.canonical_name(dataset_text)
+        info = data.info(dataset)
+        if info.kind != "image":
+            raise UsageError("--dataset", f"{dataset!r} is not an image dataset; allowed: mnist, fashion-mnist, cifar10, "
+                                          "cifar100, synthetic (images)")
+        model = str(given("model", cls.model)).strip()
+        if _base(model, "--model") not in cls.MODELS:
+            raise UsageError("--model", f"unknown model {model!r} for reconstruction; allowed: {', '.join(cls.MODELS)}")
+        model = canonical(model, option="--model")
+        _check_model_dataset(model, dataset)
+
+        state = str(given("state", cls.state)).strip()
+        if not state:
+            raise UsageError("--state", "expected 'initial' or the path of a dpbr train checkpoint (step=S.pt)")
+        if state.lower() in ("initial", "init"):
+            state = "initial"
+
+        defence_raw = o.get("defence")
+        defence = None
+        if defence_raw is not None and str(defence_raw).strip().lower() not in ("none", "null", ""):
+            try:
+                mech = mechanisms.get(str(defence_raw).strip())
+            except UsageError as exc:
+                raise UsageError("--defence", exc.message) from None
+            defence = None if mech.name == "none" else mech.name
+
+        batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1, high=cls.MAX_BATCH)
+        if info.train_size is not None and batch_size > info.train_size:
+            raise UsageError("--batch-size", f"{batch_size} exceeds the {info.train_size} training images of {dataset}")
+        iterations = _int(given("iterations", defaults["iterations"]), "iterations", low=1)
+        restarts = _int(given("restarts", cls.restarts), "restarts", low=1, high=cls.MAX_RESTARTS)
+        lr = _float(given("lr", defaults["lr"]), "lr", low=0.0, low_open=True)
+        if math.isinf(lr):
+            raise UsageError("--lr", "must be finite")
+        tv = _float(given("tv", defaults["tv"]), "tv", low=0.0)
+        if math.isinf(tv):
+            raise UsageError("--tv", "must be finite")
+        seed = _int(given("seed", cls.seed), "seed", low=0)
+        return cls(dataset=dataset, model=model, state=state, attack=attack, labels=labels, defence=defence,
+                   batch_size=batch_size, iterations=iterations, restarts=restarts, lr=lr, tv=tv, seed=seed)
+
+    # -- naming -------------------------------------------------------------------------------- #
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint file, or None for the initial model."""
+        return None if self.state == "initial" else Path(self.state)
+
+    def state_token(self) -> str:
+        """``initial``, or ``<stem>-<sha256(normalised path)[:8]>`` for a checkpoint (short, path-safe)."""
+        if self.state == "initial":
+            return "initial"
+        import hashlib
+        import os
+
+        norm = os.path.normpath(self.state)
+        digest = hashlib.sha256(norm.encode()).hexdigest()[:8]
+        stem = Path(norm).stem or "checkpoint"
+        return f"{_SAFE.sub('-', stem)[:48]}-{digest}"
+
+    def cell_id(self) -> str:
+        """As :meth:`CellSpec.cell_id`, with the state shown by :meth:`state_token`."""
+        return "/".join(
+            ",".join(f"{k}={self.state_token() if k == 'state' else path_token(getattr(self, k))}" for k in group)
+            for group in self.layout
+        )

@@ -1,0 +1,160 @@
+"""``dpbr train``: run one cell and write its Parquet file (one row per step).
+
+This module joins the pieces — data, simulation, accounting, output — for one :class:`RunSpec`; the
+command line only parses options into a spec and calls :func:`train`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dpbr.errors import UsageError
+from dpbr.io import atomic_path, check_writable, run_metadata, write_parquet
+from dpbr.simulation import PHASES, STEP_COLUMNS, RunResult, Simulation
+from dpbr.spec import RunSpec
+
+__all__ = ["resolve_device", "seed_everything", "train", "records_frame", "composed_epsilon"]
+
+
+def resolve_device(text: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``; unavailable → UsageError."""
+    t = str(text).strip().lower()
+    if t == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if t == "cpu":
+        return torch.device("cpu")
+    if t == "cuda" or t.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device", f"{text!r} is unavailable (no CUDA device here); allowed: auto, cpu")
+        dev = torch.device(t)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError("--device", f"{text!r} is unavailable; allowed: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    raise UsageError("--device", f"unknown device {text!r}; allowed: auto, cpu, cuda, cuda:<i>")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (belt and braces: dpbr draws from its own generators)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def composed_epsilon(spec: RunSpec, n_train: int, steps: int) -> tuple[float, float]:
+    """(ε over ``steps`` steps by the RDP accountant of the subsampled Gaussian mechanism, best order).
+
+    The noise multiplier is ``σ / (2C/b) = sqrt(2 ln(1.25/δ))/ε`` and the sampling rate ``b / N``
+    (REFERENCE §2). NaN without noise.
+    """
+    if spec.epsilon is None:
+        return math.nan, math.nan
+    from dpbr.privacy import accounting
+
+    z = accounting.noise_multiplier(spec.epsilon, spec.delta)
+    q = min(1.0, spec.batch_size / n_train)
+    eps, order = accounting.composed_epsilon(q, z, steps, spec.delta)
+    return float(eps), float(order)
+
+
+def records_frame(spec: RunSpec, result: RunResult, extra: dict[str, Any]) -> pd.DataFrame:
+    """The output table: step 0 (evaluation of the initial model) then one row per step.
+
+    Columns: ``step``, the metrics of :data:`dpbr.simulation.STEP_COLUMNS`, ``seconds_<phase>`` for
+    each phase, ``test_accuracy`` and ``test_loss`` (NaN except at evaluation steps), ``status``, the
+    constant facts in ``extra`` and every spec field (plus ``cell_id``).
+    """
+    n = result.steps_done
+    frame = pd.DataFrame({"step": np.arange(0, n + 1, dtype=np.int64)})
+    metrics = np.full((n + 1, len(STEP_COLUMNS)), np.nan)
+    metrics[1:] = result.metrics.numpy()
+    for j, col in enumerate(STEP_COLUMNS):
+        frame[col] = metrics[:, j]
+    seconds = np.full((n + 1, len(PHASES)), np.nan)
+    seconds[1:] = result.phase_seconds.numpy()
+    for j, phase in enumerate(PHASES):
+        frame[f"seconds_{phase}"] = seconds[:, j]
+    acc = np.full(n + 1, np.nan)
+    loss = np.full(n + 1, np.nan)
+    for step, (a, l) in result.evaluations.items():
+        acc[step], loss[step] = a, l
+    frame["test_accuracy"] = acc
+    frame["test_loss"] = loss
+    frame["status"] = result.status
+    for key, value in extra.items():
+        frame[key] = value
+    for key, value in spec.columns().items():
+        frame[key] = value
+    return frame
+
+
+def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", device: str = "auto",
+          threads: int | None = None, strategy: str = "auto", chunk: int = 64,
+          checkpoint_steps: frozenset[int] = frozenset(), checkpoint_dir: str | Path | None = None,
+          progress: Callable[[int, int, float | None], None] | None = None) -> Path:
+    """Run the cell ``spec`` and write ``out`` (Parquet) atomically; returns the path.
+
+    Everything a user can get wrong (device, data, batch size larger than the data, unwritable
+    output) is checked before the first step and raised as :class:`UsageError`.
+    """
+    from dpbr import data as data_mod
+
+    dev = resolve_device(device)
+    out = check_writable(out, "--out")
+    if checkpoint_steps:
+        bad = sorted(s for s in checkpoint_steps if s < 0 or s > spec.steps)
+        if bad:
+            raise UsageError("--checkpoint-steps", f"steps must lie in 0 .. {spec.steps}, got {bad[0]}")
+        ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_suffix(".ckpt")
+        check_writable(ckpt_dir / "probe", "--checkpoint-dir")
+    if threads is not None:
+        if threads < 1:
+            raise UsageError("--threads", f"must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if strategy not in ("auto", "closed-form", "loop", "vmap"):
+        raise UsageError("--grad-strategy", f"unknown strategy {strategy!r}; allowed: auto, closed-form, loop, vmap")
+    if chunk < 1:
+        raise UsageError("--chunk", f"must be >= 1, got {chunk}")
+    seed_everything(spec.seed)
+    dataset = data_mod.load(spec.dataset, Path(data_dir), device=dev)
+    n_train = int(dataset.y_train.shape[0])
+    if spec.batch_size > n_train:
+        raise UsageError("--batch-size", f"{spec.batch_size} exceeds the {n_train} training examples of {spec.dataset}")
+    sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
+
+    def save_checkpoint(step: int, theta: torch.Tensor) -> None:
+        path = ckpt_dir / f"step={step}.pt"
+        with atomic_path(path) as tmp:
+            torch.save({"step": step, "theta": theta.detach().cpu().clone(), "spec": spec.to_dict()}, tmp)
+
+    started = time.perf_counter()
+    result = sim.run(
+        progress=(lambda s, acc: progress(s, spec.steps, acc)) if progress else None,
+        checkpoint=save_checkpoint if checkpoint_steps else None,
+        checkpoint_steps=frozenset(checkpoint_steps),
+    )
+    wall = time.perf_counter() - started
+    eps, order = composed_epsilon(spec, n_train, result.steps_done)
+    extra = {
+        "noise_sigma": sim.noise_sigma,
+        "epsilon_composed": eps,
+        "dim": sim.dim,
+        "honest_workers": sim.h,
+    }
+    frame = records_frame(spec, result, extra)
+    meta = run_metadata(
+        spec, dev, status=result.status, diverged_at=result.diverged_at, wall_seconds=wall,
+        gradient_strategy=sim.strategy, dataset_source=getattr(dataset, "source", None),
+        dataset_checksum=getattr(dataset, "checksum", None), rdp_order=order, threads=torch.get_num_threads(),
+        argv=" ".join(sys.argv), host=os.uname().nodename,
+    )
+    return write_parquet(frame, out, meta)
