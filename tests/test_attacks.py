@@ -462,22 +462,17 @@ def test_aggregator_results_as_objects_or_tuples():
         attacks.get("little(factor=optimal)")(H0, 2, aggregator=lambda G, f: 1.0)
 
 
-def test_project_aggregators_if_available():
-    aggregators = pytest.importorskip("dpbr.robust.aggregators")
-    if not hasattr(aggregators, "get"):
-        pytest.skip("dpbr.robust.aggregators.get not available yet")
-    H = torch.randn(6, 30, generator=torch.Generator().manual_seed(6))
-    for gar in ("average", "median", "krum"):
-        try:
-            rule = aggregators.get(gar)
-        except Exception:  # rule not registered (yet)
-            continue
-        counting = Counting(rule)
+def test_line_search_with_the_project_aggregators():
+    from dpbr.robust import aggregators
+
+    H = torch.randn(8, 30, generator=torch.Generator().manual_seed(6))
+    for gar in ("average", "median", "krum"):  # n = 11, f = 3 satisfies krum's n >= 2f + 3
+        counting = Counting(aggregators.get(gar))
         forged = attacks.get("little(factor=optimal,negative=true)").forge(
-            H, 5, aggregator=counting, generator=torch.Generator().manual_seed(0)
+            H, 3, aggregator=counting, generator=torch.Generator().manual_seed(0)
         )
-        assert counting.calls <= 16
-        assert forged.value.shape == (5, 30) and torch.isfinite(forged.value).all()
+        assert 1 <= counting.calls <= 16
+        assert forged.value.shape == (3, 30) and torch.isfinite(forged.value).all()
 
 
 # --------------------------------------------------------------------------------------------- #

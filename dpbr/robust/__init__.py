@@ -1,0 +1,1 @@
+"""Byzantine robustness: aggregation rules (:mod:`dpbr.robust.aggregators`) and attacks (:mod:`dpbr.robust.attacks`)."""

@@ -1,0 +1,278 @@
+"""Shared geometry of the aggregation rules: one Gram matrix, pairwise distances, masked combinations.
+
+Every distance-based rule (Krum, Multi-Krum, MDA, Bulyan, geometric median, centered clipping, NNM)
+starts from the Gram matrix ``K = X Xᵀ`` of its ``n`` inputs, computed once by :func:`gram`; all
+pairwise squared distances follow from it (:func:`sqdist`) in ``O(n²)`` extra work, and iterative
+rules (Weiszfeld, centered clipping) run in the ``n``-dimensional coefficient space of ``K`` so that
+the ``d``-dimensional data is read only twice (Gram, final combination).
+
+Non-finite rows. A row holding a NaN or ±inf makes its own row and column of ``K`` non-finite and
+nothing else (every entry of ``K`` is the dot product of its two rows). Its squared norm ``K_ii`` is
+then non-finite, so the *finite mask* is read off the diagonal for free. A finite row whose squared
+norm overflows (``‖x‖ > 1.8e19`` in float32 or bfloat16 after the float32 promotion below) is
+treated as non-finite as well: its distances cannot be measured. :func:`sqdist` sets every distance
+that involves a non-finite row to ``+inf`` (never ``NaN``: ``inf − inf`` is sanitised), so such rows
+are never anyone's neighbour and never part of a finite-diameter subset.
+
+Precision. Half-precision inputs are promoted to float32 for the geometry (float16's range would
+overflow squared norms of ordinary gradients); float32 and float64 stay as they are. The Gram matrix
+is accumulated over column blocks of :data:`GRAM_BLOCK` (a batched matmul whose partial products are
+summed): on a 2-core CPU this is 2–3× faster than one ``X @ X.T`` for ``n = 11`` and, because each
+block's sum is short, about 10⁴ times more accurate in float32 at ``d = 10⁷`` (max abs error 1.2 vs
+2·10⁴ on squared norms ≈ 10⁷ for MKL's single GEMM). Distances from a Gram matrix still cancel when
+the vectors are far from the origin relative to their spread: the relative error of ``D²_ij`` is about
+``ε·(‖x_i‖² + ‖x_j‖²)/D²_ij`` (``ε = 6e-8`` in float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GRAM_BLOCK",
+    "NETWORK_MIN_COLUMNS",
+    "combine",
+    "compute_view",
+    "coordinate_median",
+    "gram",
+    "mda_tables",
+    "mean_closest",
+    "mean_rows",
+    "median_of_sorted",
+    "nan_as_posinf",
+    "sorted_rows",
+    "sorting_network",
+    "sum_rows",
+    "sqdist",
+    "subset_pairs",
+]
+
+GRAM_BLOCK = 4096
+"""Columns per block of the blocked Gram product (see the module docstring)."""
+
+
+def compute_view(X: Tensor) -> Tensor:
+    """``X`` itself for float32/float64, a float32 copy for half precision (float16, bfloat16)."""
+    return X if X.dtype in (torch.float32, torch.float64) else X.float()
+
+
+def gram(X: Tensor) -> Tensor:
+    """The Gram matrix ``X Xᵀ`` (``n × n``), accumulated over column blocks of :data:`GRAM_BLOCK`.
+
+    ``X`` must be float32 or float64 (use :func:`compute_view`). The columns are split into
+    ``⌊d / GRAM_BLOCK⌋`` blocks multiplied as one batched matmul and summed, plus one ``addmm`` for the
+    remainder; no copy of ``X`` is made when it is contiguous.
+    """
+    n, d = X.shape
+    main = d - d % GRAM_BLOCK
+    if main == 0:
+        return X @ X.T
+    blocks = X[:, :main].reshape(n, main // GRAM_BLOCK, GRAM_BLOCK).transpose(0, 1)
+    K = torch.bmm(blocks, blocks.transpose(1, 2)).sum(0)
+    if main < d:
+        rest = X[:, main:]
+        K = torch.addmm(K, rest, rest.T)
+    return K
+
+
+def sqdist(K: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise squared distances and the finite-row mask from a Gram matrix.
+
+    Returns
+    -------
+    D2 : Tensor[n, n]
+        ``D²_ij = K_ii + K_jj − 2 K_ij`` (symmetrised, clamped at 0); ``+inf`` wherever row ``i`` or
+        ``j`` is non-finite or the value overflowed; diagonal ``0`` for finite rows, ``+inf`` for the
+        others (so adding the diagonal to a score disqualifies a non-finite row).
+    finite : Tensor[n] bool
+        ``True`` for rows whose squared norm is finite.
+    """
+    sq = K.diagonal()
+    # 0 for a finite row, +inf for the others (inf − inf = NaN → inf)
+    penalty = (sq - sq).nan_to_num_(nan=math.inf)
+    D2 = (sq[:, None] + sq[None, :]).sub_(K, alpha=2)
+    D2 = (D2 + D2.T).mul_(0.5).clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf)
+    D2.fill_diagonal_(0)
+    D2.add_(penalty[:, None]).add_(penalty[None, :])
+    return D2, penalty == 0
+
+
+def combine(W: Tensor, X: Tensor, finite: Tensor) -> Tensor:
+    """``W @ X`` with the non-finite rows of ``X`` treated as absent (their weights must be 0).
+
+    ``0 · NaN`` is ``NaN``, so a plain matmul cannot skip a row. ``torch.nn.functional.embedding_bag``
+    (mode ``sum`` with per-sample weights) reads only the rows it is given: each non-finite row's
+    index is replaced by that of a finite row (its weight 0 stays 0), so non-finite rows are never
+    read and ``X`` is never copied — at ``d = 10⁷`` about 4× faster than masking a copy first.
+    ``W`` is ``(n,)`` (result ``(d,)``) or ``(m, n)`` (result ``(m, d)``); it is cast to ``X``'s dtype.
+    """
+    n = X.shape[0]
+    arange = torch.arange(n, device=X.device)
+    idx = torch.where(finite, arange, finite.to(torch.uint8).argmax())
+    W2 = W.reshape(-1, n).to(X.dtype)
+    out = torch.nn.functional.embedding_bag(idx.expand(W2.shape[0], n), X, per_sample_weights=W2, mode="sum")
+    return out.reshape(*W.shape[:-1], X.shape[1])
+
+
+def mean_rows(X: Tensor, rows: Tensor) -> Tensor:
+    """Mean of the rows ``rows`` of ``X`` (``(d,)``), reading only those rows and copying nothing
+    (``embedding_bag``; 5× faster than ``index_select`` + ``mean`` at ``d = 10⁷``)."""
+    return torch.nn.functional.embedding_bag(rows.reshape(1, -1), X, mode="mean")[0]
+
+
+def nan_as_posinf(X: Tensor) -> Tensor:
+    """A copy of ``X`` with NaN replaced by ``+inf``: the order used by the coordinate-wise rules.
+
+    A NaN entry is thus placed beyond every finite value of its coordinate (as a ``+inf`` already
+    is), so at most ``f`` non-finite entries per coordinate never reach the middle of the order.
+    """
+    return torch.nan_to_num(X, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+NETWORK_MIN_COLUMNS = 32768
+"""On the CPU, columns are sorted with a sorting network (:func:`sorted_rows`) from this many columns on."""
+
+
+@functools.lru_cache(maxsize=64)
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators ``(i, j)``, ``i < j``, of Batcher's merge-exchange sort of ``n`` items (Knuth, TAOCP
+    vol. 3, §5.2.2, Algorithm M): 9 comparators for ``n = 5``, 37 for 11, 138 for 25."""
+    pairs: list[tuple[int, int]] = []
+    if n < 2:
+        return ()
+    t = (n - 1).bit_length()
+    p = 1 << (t - 1)
+    while p > 0:
+        q, r, d = 1 << (t - 1), 0, p
+        while True:
+            pairs.extend((i, i + d) for i in range(n - d) if i & p == r)
+            if q == p:
+                break
+            d, q, r = q - p, q >> 1, p
+        p >>= 1
+    return tuple(pairs)
+
+
+def sorted_rows(X: Tensor) -> list[Tensor]:
+    """The rows of ``X`` sorted per column, as a list of ``n`` row tensors, with NaN counted as ``+inf``.
+
+    ``X`` is not modified. ``torch.sort`` along dim 0 walks each column with stride ``d``; on the CPU
+    with many columns a sorting network of element-wise ``minimum``/``maximum`` over whole rows is
+    2–5× faster (37 vectorised compare-exchanges for ``n = 11``, 138 for ``n = 25``: a fixed schedule
+    that depends on ``n`` only; min/max are exact, so the result is identical). The network works in
+    one ``(n + 1) × d`` buffer — the copy that also maps NaN to ``+inf``, plus one spare row the
+    compare-exchanges rotate through — so it allocates nothing per step (at ``d = 10⁷`` every fresh
+    40 MB row would cost page faults).
+    """
+    n, d = X.shape
+    if X.device.type != "cpu" or d < NETWORK_MIN_COLUMNS or n < 2:
+        return list(nan_as_posinf(X).sort(dim=0).values.unbind(0))
+    buf = torch.empty((n + 1, d), dtype=X.dtype, device=X.device)
+    torch.nan_to_num(X, nan=math.inf, posinf=math.inf, neginf=-math.inf, out=buf[:n])
+    rows, spare = list(buf[:n].unbind(0)), buf[n]
+    for i, j in sorting_network(n):
+        lo, hi = rows[i], rows[j]
+        torch.minimum(lo, hi, out=spare)
+        torch.maximum(lo, hi, out=lo)
+        rows[i], rows[j], spare = spare, lo, hi
+    return rows
+
+
+def median_of_sorted(S: list[Tensor]) -> Tensor:
+    """Median of sorted rows: the middle row, or for even ``n`` the midpoint ``lo/2 + hi/2`` of the two
+    middle rows (no overflow for huge finite values). A new tensor."""
+    n = len(S)
+    if n % 2 == 1:
+        return S[n // 2].clone()
+    return torch.add(S[n // 2 - 1] * 0.5, S[n // 2], alpha=0.5)
+
+
+def coordinate_median(X: Tensor) -> Tensor:
+    """Coordinate-wise median along dim 0 (NaN counted as ``+inf``; even ``n``: midpoint).
+
+    Uses the sorting network where :func:`sorted_rows` would, else ``torch.median`` (odd ``n``) or two
+    ``torch.kthvalue`` (even ``n``), which select without a full sort.
+    """
+    n, d = X.shape
+    if X.device.type == "cpu" and d >= NETWORK_MIN_COLUMNS and n > 1:
+        return median_of_sorted(sorted_rows(X))
+    X = nan_as_posinf(X)
+    if n % 2 == 1:
+        return X.median(dim=0).values
+    lo = X.kthvalue(n // 2, dim=0).values
+    return torch.add(lo * 0.5, X.kthvalue(n // 2 + 1, dim=0).values, alpha=0.5)
+
+
+def sum_rows(rows: list[Tensor], out: Tensor | None = None) -> Tensor:
+    """``Σ rows`` accumulated into ``out`` (a new tensor when ``None``)."""
+    out = torch.add(rows[0], rows[1], out=out) if len(rows) > 1 else rows[0].clone() if out is None else out.copy_(rows[0])
+    for r in rows[2:]:
+        out.add_(r)
+    return out
+
+
+def mean_closest(S: list[Tensor], center: Tensor, k: int) -> Tensor:
+    """Per column, the mean of the ``k`` values of the sorted rows ``S`` closest to ``center``.
+
+    The ``k`` values nearest a point form a window of ``k`` consecutive sorted values; of the
+    ``n − k + 1`` windows the one whose farthest end is nearest wins (ties: the lower window). The
+    windows are scanned with a running minimum (a loop over the ``n − k + 1`` window offsets, in
+    preallocated buffers; an ``argmin`` along dim 0 is several times slower on the CPU) and each
+    window is summed directly — no prefix sums, whose differences would lose everything next to a
+    huge (Byzantine) value. Non-finite values (``±inf``) are infinitely far, so a window holding one is
+    chosen only when every window does.
+    """
+    n = len(S)
+    best = torch.maximum(center - S[0], S[k - 1] - center)
+    total = sum_rows(S[:k])
+    if n > k:
+        cost, other, window = torch.empty_like(best), torch.empty_like(best), torch.empty_like(total)
+        better = torch.empty(best.shape, dtype=torch.bool, device=best.device)
+        for s in range(1, n - k + 1):
+            torch.sub(center, S[s], out=cost)
+            torch.maximum(cost, torch.sub(S[s + k - 1], center, out=other), out=cost)
+            torch.lt(cost, best, out=better)
+            torch.where(better, cost, best, out=best)
+            torch.where(better, sum_rows(S[s:s + k], out=window), total, out=total)
+    return total.div_(k)
+
+
+def subset_pairs(n: int, r: int) -> int:
+    """Number of entries ``C(n, r) · P`` of the MDA subset × pair table, ``P = r(r−1)/2`` (1 if ``r = 1``)."""
+    pairs = r * (r - 1) // 2 if r > 1 else 1
+    return math.comb(n, r) * pairs
+
+
+@functools.lru_cache(maxsize=16)
+def _mda_tables_cpu(n: int, f: int) -> tuple[Tensor, Tensor]:
+    r = n - f
+    members = np.fromiter(
+        itertools.chain.from_iterable(itertools.combinations(range(n), r)),
+        dtype=np.int64,
+        count=math.comb(n, r) * r,
+    ).reshape(-1, r)
+    members_t = torch.from_numpy(members)
+    a, b = torch.triu_indices(r, r, offset=1 if r > 1 else 0)
+    flat = (members_t[:, a] * n + members_t[:, b]).to(torch.int32)
+    return members_t, flat
+
+
+@functools.lru_cache(maxsize=16)
+def mda_tables(n: int, f: int, device: str) -> tuple[Tensor, Tensor]:
+    """Constant index tables of the MDA subset search: the ``C(n, f)`` subsets of ``r = n − f`` rows.
+
+    Returns ``(members, pairs)``: ``members[c]`` (int64, ``C(n, f) × r``) lists the rows of subset
+    ``c`` in ``itertools.combinations(range(n), r)`` order; ``pairs[c]`` (int32, ``C(n, f) × P``) the
+    flat indices ``i·n + j`` (``i < j``) of its ``P = r(r−1)/2`` pairs in the ``n × n`` distance matrix
+    (for ``r = 1`` the single "pair" ``(i, i)``, whose entry is 0 for a finite row and inf otherwise).
+    Cached per ``(n, f, device)`` (module-level ``lru_cache``): constants, not state of any rule.
+    """
+    members, flat = _mda_tables_cpu(n, f)
+    dev = torch.device(device)
+    return members.to(dev), flat.to(dev)

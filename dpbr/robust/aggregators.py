@@ -1,0 +1,948 @@
+"""Robust aggregation rules (GARs) on stacked ``(n, d)`` tensors, and the pre-aggregators that compose with them.
+
+Usage::
+
+    from dpbr.robust import aggregators
+    rule = aggregators.get("bucketing(s=2)+krum")
+    g = rule(G, f, generator=gen)                       # Tensor[d]
+    out = rule.aggregate(G, f, generator=gen, state=s)   # Aggregation(value, selected, state)
+    rule.requirement, rule.min_workers(f), rule.check(n, f), rule.vn_bound(n, f)
+
+Rules (``names()``; aliases in brackets; requirement on ``n`` workers and ``f`` Byzantine ones)
+-------------------------------------------------------------------------------------------
+- ``average`` [mean, avg]: ``(1/n) Σ x_i``. ``n ≥ 1``.
+- ``krum``: the ``x_k`` minimising ``Σ_{j ∈ N_k} ‖x_k − x_j‖²`` over its ``n − f − 2`` nearest other
+  rows ``N_k``. ``n ≥ 2f + 3``.
+- ``multi-krum(m)``: mean of the ``m`` best Krum scores (default ``m = n − f``). ``n ≥ 2f + 3``,
+  ``n ≥ f + m``.
+- ``median`` [cm]: coordinate-wise median (even ``n``: midpoint). ``n ≥ 2f + 1``.
+- ``trimmed-mean`` [tm]: per coordinate, drop the ``f`` largest and ``f`` smallest values and
+  average the rest. ``n ≥ 2f + 1``.
+- ``meamed``: per coordinate, the mean of the ``n − f`` values closest to the median. ``n ≥ 2f + 1``.
+- ``mda(ties)`` [brute]: mean of the ``n − f`` rows of minimum diameter (ties: the tightest subset,
+  or LPD's first). ``n ≥ 2f + 1``.
+- ``bulyan``: ``θ = n − 2f`` rows by repeated Krum, then per coordinate the mean of the
+  ``β = θ − 2f`` values closest to the median. ``n ≥ 4f + 3``.
+- ``geometric-median(nu, iters)`` [rfa, gm]: smoothed Weiszfeld (``ν = 0.1``, 8 iterations).
+  ``n ≥ 2f + 1``.
+- ``centered-clipping(tau, iters)`` [cc]: ``v ← v + (1/n) Σ clip_τ(x_i − v)`` from ``v₀ = state``
+  (``τ = 10``, 3 iterations). ``n ≥ 1``.
+
+Pre-aggregators, written before a rule and joined with ``+`` (``"bucketing(s=2)+nnm+cc(tau=1)"``):
+``bucketing(s)`` (random buckets of ``s``, averaged; Karimireddy et al. 2022) and ``nnm`` (nearest
+neighbour mixing; Allouah et al. 2023). See :class:`Bucketing` and :class:`NNM` for how they combine
+the requirement and the VN bound of the rule they wrap.
+
+Contract of every rule
+----------------------
+- Input ``G``: ``(n, d)`` tensor of any floating dtype on any device; output ``(d,)`` of the same dtype
+  and device, a new tensor (never a view of ``G``); ``G`` is never modified.
+- ``f``: declared number of Byzantine rows; :meth:`Aggregator.check` raises a ``ValueError``
+  (:class:`dpbr.errors.UsageError`) naming the rule, ``n``, ``f`` and the requirement when ``n, f`` do
+  not fit (also for ``f < 0`` or ``n < 1``); every call checks.
+- State is explicit: only centered clipping has one (its center), passed in as ``state=`` and
+  returned in :attr:`Aggregation.state`; stateless rules ignore ``state`` and return ``None``.
+  Randomness (bucketing) only comes from ``generator=`` (the global RNG when ``None``).
+- No host synchronisation (no ``.item()``), no Python loop over pairs, subsets or coordinates. The
+  only Python loops run a fixed number of whole-tensor steps: Weiszfeld / clipping iterations,
+  Bulyan's ``θ`` selection rounds, the compare-exchanges of the CPU sorting network and the
+  ``f + 1`` candidate windows of the closest-to-median means (:mod:`dpbr.robust._geometry`).
+  Pairwise distances all come from one blocked Gram matrix.
+- Non-finite inputs: when at most ``f`` rows hold a NaN or ±inf, every rule but ``average`` returns a
+  finite vector determined by the finite rows, as follows.
+
+  * Distance-based selection (krum, multi-krum, mda, bulyan, and nnm's neighbourhoods): a non-finite
+    row is at distance ``+inf`` from every row, so it is never selected, never a neighbour, and every
+    subset that contains it has infinite diameter. The result equals what the rule gives when such
+    rows are replaced by points far away from all others.
+  * Coordinate-wise (median, trimmed-mean, meamed, Bulyan's second phase): entries are ordered with
+    ``NaN`` as ``+inf`` (``±inf`` keep their sign), i.e. beyond every finite value, so at most ``f``
+    of them never reach the middle of a coordinate's order. The result equals what the rule gives
+    with NaN/+inf entries replaced by a huge positive and -inf by a huge negative value. Finite
+    entries of a partly non-finite row still count in their coordinates.
+  * Weighted rules (geometric-median, centered-clipping): a non-finite row gets weight 0 — the limit
+    of the Weiszfeld weight ``1/‖x_i − z‖`` and of the clipping factor ``τ/‖x_i − v‖`` as the row
+    goes to infinity. The geometric median is then that of the finite rows; centered clipping counts
+    the row as a zero update (as if it sat at the current center) but still divides by ``n``.
+  * Pre-aggregators keep non-finiteness visible to the rule they wrap: a bucket holding a non-finite
+    row has a non-finite mean (at most ``f`` such buckets); NNM's mixed vector of a non-finite row
+    is NaN, while those of the finite rows only average finite rows.
+  * ``average`` propagates non-finite values by design (it is not robust).
+
+  Combinations never touch a non-finite row arithmetically (``0 · NaN = NaN``): means of selected
+  rows and weighted sums go through ``embedding_bag``, which reads only the rows it is given.
+
+VN bounds
+---------
+:meth:`Aggregator.vn_bound` returns ``k_F(n, f)``, the largest ratio
+``sqrt(E‖G − EG‖²) / ‖EG‖`` of the honest vectors for which the rule is proven (α, f)-Byzantine
+resilient (REFERENCE §2; the constants of LPD's ``upper_bound`` functions), or ``None`` where no such
+constant is known to us or where ``n, f`` violate the rule's requirement. ``math.inf`` means that no
+condition is needed (``f = 0`` for average and MDA, which then average all rows).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from dpbr.errors import UsageError
+from dpbr.registry import Registry, format_term, parse
+from dpbr.robust import _geometry as geo
+
+__all__ = [
+    "MDA_MAX_ENTRIES",
+    "Aggregation",
+    "Aggregator",
+    "Average",
+    "Bucketing",
+    "Bulyan",
+    "CenteredClipping",
+    "GeometricMedian",
+    "Krum",
+    "MDA",
+    "MeaMed",
+    "Median",
+    "MultiKrum",
+    "NNM",
+    "TrimmedMean",
+    "get",
+    "krum_vn_bound",
+    "names",
+]
+
+OPTION = "--gar"
+
+MDA_MAX_ENTRIES = 1 << 24
+"""Largest MDA subset × pair table, ``C(n, f) · (n−f)(n−f−1)/2`` entries (16,777,216).
+
+The table of pair indices is cached as int32 (≤ 64 MiB per ``(n, f, device)``) and the gathered
+distances are one tensor of the same number of entries (≤ 64 MiB in float32, 128 MiB in float64).
+``n = 11, f = 5``: 462 × 15 = 6,930; ``n = 25, f = 5``: 53,130 × 190 = 10,094,700 (allowed);
+``n = 25, f = 6``: 177,100 × 171 = 30,284,100 and ``n = 25, f = 12``: 5,200,300 × 78 = 405,623,400
+(refused)."""
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """What one aggregation returns.
+
+    Attributes
+    ----------
+    value:
+        The aggregate, ``Tensor[d]`` (input dtype and device).
+    selected:
+        ``Tensor[n]`` bool, the input rows the rule selected (krum, multi-krum, mda, bulyan, and
+        pre-aggregated compositions of them); ``None`` for rules that do not select rows.
+    state:
+        The new explicit state (centered clipping: its new center, a fresh tensor); ``None`` for
+        stateless rules.
+    """
+
+    value: Tensor
+    selected: Tensor | None = None
+    state: Any = None
+
+
+def _count(x: Any, what: str) -> int:
+    if isinstance(x, bool):
+        raise UsageError("", f"{what} must be an integer, got {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise UsageError("", f"{what} must be an integer, got {x!r}") from None
+
+
+def _positive_int(x: Any, what: str) -> int:
+    if isinstance(x, bool):
+        raise ValueError(f"{what} must be a positive integer, got {x!r}")
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise ValueError(f"{what} must be a positive integer, got {x!r}") from None
+    if v < 1:
+        raise ValueError(f"{what} must be a positive integer, got {x!r}")
+    return v
+
+
+def _positive_float(x: Any, what: str) -> float:
+    if isinstance(x, bool):
+        raise ValueError(f"{what} must be a positive number, got {x!r}")
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a positive number, got {x!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{what} must be a positive number, got {x!r}")
+    return v
+
+
+def krum_vn_bound(n: int, f: int) -> float | None:
+    """``1/sqrt(2(n−f + f(n + f(n−f−2) − 2)/(n−2f−2)))``: VN bound of Krum and Bulyan (LPD ``upper_bound``).
+
+    ``None`` when ``n ≤ 2f + 2`` (the denominator vanishes or turns negative).
+    """
+    if n <= 2 * f + 2:
+        return None
+    return 1.0 / math.sqrt(2.0 * (n - f + f * (n + f * (n - f - 2) - 2) / (n - 2 * f - 2)))
+
+
+class Aggregator:
+    """Base class: an aggregation rule with its requirement on ``(n, f)`` and its VN bound.
+
+    Subclasses set :attr:`key` (registered name), :attr:`selects`, the requirement clauses
+    (:meth:`_clauses`), implement :meth:`_aggregate` and, where the literature has one, :meth:`_vn`.
+    """
+
+    key: ClassVar[str] = ""
+    selects: ClassVar[bool] = False
+    """Whether :attr:`Aggregation.selected` is a row mask (``True``) or ``None``."""
+
+    def __init__(self) -> None:
+        #: canonical spec string; :func:`get` sets it to the canonical form of the spec it parsed
+        self.name: str = self.key
+
+    def _name(self, **params: Any) -> None:
+        """Set :attr:`name` from the parameters that differ from their defaults (``None`` = default)."""
+        self.name = format_term(self.key, {k: v for k, v in params.items() if v is not None})
+
+    # -- requirement --------------------------------------------------------------------------- #
+
+    def _clauses(self) -> list[tuple[str, Callable[[int], int]]]:
+        """``[(rhs text, f ↦ smallest n)]``, read as ``n >= rhs`` and joined with "and"."""
+        return [("1", lambda f: 1)]
+
+    def requirement_for(self, nsym: str) -> str:
+        """The requirement with ``nsym`` standing for the number of vectors this rule receives."""
+        return " and ".join(dict.fromkeys(f"{nsym} >= {rhs}" for rhs, _ in self._clauses()))
+
+    @property
+    def requirement(self) -> str:
+        """Human-readable requirement on ``n`` and ``f``, e.g. ``"n >= 2f + 3"``."""
+        return self.requirement_for("n")
+
+    def min_workers(self, f: int) -> int:
+        """Smallest ``n`` allowed for this ``f`` (``f ≥ 0``)."""
+        f = _count(f, "f")
+        if f < 0:
+            raise UsageError("", f"aggregation rule {self.name!r} needs f >= 0; got f = {f}")
+        return max([1] + [fn(f) for _, fn in self._clauses()])
+
+    def _problem(self, n: int, f: int) -> str | None:
+        """Why ``(n, f)`` is not allowed (text after the rule's name), or ``None``."""
+        if n < self.min_workers(f):
+            return f"needs {self.requirement}; got n = {n}, f = {f}"
+        return None
+
+    def check(self, n: int, f: int) -> None:
+        """Raise a ``ValueError`` (:class:`~dpbr.errors.UsageError`) when ``n`` workers cannot tolerate ``f``.
+
+        The message names the rule, ``n``, ``f`` and the requirement.
+        """
+        n = _count(n, f"aggregation rule {self.name!r}: n")
+        f = _count(f, f"aggregation rule {self.name!r}: f")
+        if n < 1 or f < 0:
+            raise UsageError(
+                "", f"aggregation rule {self.name!r} needs n >= 1 and f >= 0 (and {self.requirement}); "
+                f"got n = {n}, f = {f}"
+            )
+        problem = self._problem(n, f)
+        if problem is not None:
+            raise UsageError("", f"aggregation rule {self.name!r} {problem}")
+
+    # -- VN bound ------------------------------------------------------------------------------ #
+
+    def vn_bound(self, n: int, f: int) -> float | None:
+        """``k_F(n, f)`` of REFERENCE §2, or ``None`` (no known constant, or ``(n, f)`` not allowed).
+
+        ``math.inf`` where no condition is needed (``f = 0`` for average and MDA).
+        """
+        n, f = _count(n, "n"), _count(f, "f")
+        if n < 1 or f < 0 or n < self.min_workers(f):
+            return None
+        return self._vn(n, f)
+
+    def _vn(self, n: int, f: int) -> float | None:
+        return None
+
+    # -- aggregation --------------------------------------------------------------------------- #
+
+    def aggregate(
+        self, G: Tensor, f: int, *, generator: torch.Generator | None = None, state: Any = None
+    ) -> Aggregation:
+        """Aggregate the rows of ``G`` (``n × d``) tolerating ``f`` Byzantine rows.
+
+        Parameters
+        ----------
+        G:
+            ``(n, d)`` floating tensor, any dtype and device; not modified.
+        f:
+            Declared number of Byzantine rows.
+        generator:
+            Source of randomness (bucketing); the global RNG when ``None``.
+        state:
+            Previous state (centered clipping's center); ignored by stateless rules.
+        """
+        if not isinstance(G, Tensor):
+            raise TypeError(f"aggregation rule {self.name!r} expects a torch.Tensor, got {type(G).__name__}")
+        if G.ndim != 2:
+            raise ValueError(f"aggregation rule {self.name!r} expects an (n, d) tensor, got shape {tuple(G.shape)}")
+        if not G.is_floating_point():
+            raise TypeError(f"aggregation rule {self.name!r} expects a floating-point tensor, got {G.dtype}")
+        self.check(G.shape[0], f)
+        return self._aggregate(G, int(f), generator, state)
+
+    def __call__(
+        self, G: Tensor, f: int, *, generator: torch.Generator | None = None, state: Any = None
+    ) -> Tensor:
+        """The aggregate ``Tensor[d]`` (see :meth:`aggregate`)."""
+        return self.aggregate(G, f, generator=generator, state=state).value
+
+    def _aggregate(self, G: Tensor, f: int, generator: torch.Generator | None, state: Any) -> Aggregation:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {self.requirement}>"
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Helpers shared by the rules
+
+
+def _distances(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(D², finite)`` of the rows of ``G`` from one Gram matrix (see :func:`_geometry.sqdist`)."""
+    return geo.sqdist(geo.gram(geo.compute_view(G)))
+
+
+def _krum_scores(D2: Tensor, k: int) -> Tensor:
+    """Krum scores: sum of the ``k`` smallest squared distances to the *other* rows, plus ``D²_ii``.
+
+    Adding the diagonal (0 for a finite row, inf otherwise) makes a non-finite row's score infinite
+    even when ``k = 0``.
+    """
+    n = D2.shape[0]
+    if k > 0:
+        eye = torch.eye(n, dtype=torch.bool, device=D2.device)
+        near = D2.masked_fill(eye, math.inf).topk(k, dim=1, largest=False).values.sum(1)
+    else:
+        near = torch.zeros(n, dtype=D2.dtype, device=D2.device)
+    return near + D2.diagonal()
+
+
+def _centrality(D2: Tensor) -> Tensor:
+    """Sum of squared distances to the finite rows (``inf`` for a non-finite row): a tie-breaker."""
+    return torch.where(torch.isfinite(D2), D2, 0).sum(1) + D2.diagonal()
+
+
+def _lexargmin(primary: Tensor, secondary: Tensor) -> Tensor:
+    """Index minimising ``primary``; exact ties go to the smaller ``secondary``, then the lower index."""
+    return torch.where(primary == primary.min(), secondary, math.inf).argmin()
+
+
+def _lexorder(primary: Tensor, secondary: Tensor) -> Tensor:
+    """Indices sorted by ``(primary, secondary, index)`` (two stable sorts)."""
+    first = torch.sort(secondary, stable=True).indices
+    return first.index_select(0, torch.sort(primary.index_select(0, first), stable=True).indices)
+
+
+def _mask(n: int, rows: Tensor) -> Tensor:
+    """Bool ``Tensor[n]`` with ``True`` at ``rows``."""
+    return torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill(0, rows, True)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Rules
+
+
+class Average(Aggregator):
+    """Arithmetic mean ``(1/n) Σ_i x_i``; not robust (propagates NaN/inf by design).
+
+    VN bound: ``inf`` for ``f = 0``; ``0`` for ``f ≥ 1`` — no linear combination of the inputs
+    tolerates a single Byzantine vector (Blanchard et al. 2017, Lemma 1), so no VN ratio suffices.
+    """
+
+    key = "average"
+
+    def _aggregate(self, G, f, generator, state):
+        return Aggregation(G.mean(dim=0))
+
+    def _vn(self, n, f):
+        return math.inf if f == 0 else 0.0
+
+
+class MultiKrum(Aggregator):
+    """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): mean of the ``m`` best-scored rows.
+
+    ``score_i = Σ_{j ∈ N_i} ‖x_i − x_j‖²`` over the ``n − f − 2`` nearest *other* rows ``N_i``
+    (squared distances, as in the paper; LPD's ``krum.py`` sums the ``n − f − 1`` nearest non-squared
+    distances). The ``m`` lowest scores are averaged; exact ties (certain when ``n − f − 2 = 1``: the
+    two rows of the closest pair) go to the smaller sum of squared distances to all rows, then to the
+    lower index, so that the result does not depend on the order of the rows.
+
+    Parameters
+    ----------
+    m:
+        Number of rows averaged, ``1 ≤ m ≤ n − f``. Default ``None`` means ``m = n − f`` (ByzFL's
+        ``MultiKrum``); LPD's ``krum`` rule defaults to ``m = n − f − 2``; ``m = 1`` is Krum.
+
+    Requirement ``n ≥ 2f + 3`` (and ``n ≥ f + m``, so that the ``m`` selected rows can all be finite
+    when at most ``f`` rows are not). VN bound: :func:`krum_vn_bound` (LPD's ``krum.upper_bound``,
+    which LPD applies to every ``m ≤ n − f − 2``); ``None`` for larger ``m``, the default included.
+    """
+
+    key = "multi-krum"
+    selects = True
+
+    def __init__(self, m: int | None = None) -> None:
+        self.m = None if m is None else _positive_int(m, "m")
+        super().__init__()
+        self._name(m=self.m)
+
+    def _clauses(self):
+        clauses = [("2f + 3", lambda f: 2 * f + 3)]
+        if self.m is not None:
+            m = self.m
+            clauses.append((f"f + {m}", lambda f: f + m))
+        return clauses
+
+    def _m(self, n: int, f: int) -> int:
+        return n - f if self.m is None else self.m
+
+    def _vn(self, n, f):
+        return krum_vn_bound(n, f) if self._m(n, f) <= n - f - 2 else None
+
+    def _aggregate(self, G, f, generator, state):
+        n = G.shape[0]
+        D2, _ = _distances(G)
+        scores = _krum_scores(D2, n - f - 2)
+        m = self._m(n, f)
+        if m == 1:
+            rows = _lexargmin(scores, _centrality(D2)).reshape(1)
+        else:
+            rows = _lexorder(scores, _centrality(D2))[:m]
+        return Aggregation(geo.mean_rows(G, rows), _mask(n, rows))
+
+
+class Krum(MultiKrum):
+    """Krum (Blanchard et al. 2017): the row with the lowest Krum score (see :class:`MultiKrum`).
+
+    Requirement ``n ≥ 2f + 3``. VN bound :func:`krum_vn_bound` (LPD ``upper_bound``).
+    """
+
+    key = "krum"
+
+    def __init__(self) -> None:
+        self.m = 1
+        Aggregator.__init__(self)
+
+    def _clauses(self):
+        return [("2f + 3", lambda f: 2 * f + 3)]
+
+    def _vn(self, n, f):
+        return krum_vn_bound(n, f)
+
+
+class Median(Aggregator):
+    """Coordinate-wise median (Yin et al. 2018); even ``n``: midpoint of the two middle values.
+
+    Requirement ``n ≥ 2f + 1``. VN bound ``1/sqrt(n − f)`` (LPD ``median.upper_bound``).
+    NaN entries count as ``+inf`` (see the module docstring).
+    """
+
+    key = "median"
+
+    def _clauses(self):
+        return [("2f + 1", lambda f: 2 * f + 1)]
+
+    def _vn(self, n, f):
+        return 1.0 / math.sqrt(n - f)
+
+    def _aggregate(self, G, f, generator, state):
+        return Aggregation(geo.coordinate_median(G))
+
+
+class TrimmedMean(Aggregator):
+    """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate drop the ``f`` largest and the
+    ``f`` smallest values and average the ``n − 2f`` others (never silently lowers ``f``).
+
+    Requirement ``n ≥ 2f + 1``. VN bound: ``None``. NaN entries count as ``+inf``.
+    """
+
+    key = "trimmed-mean"
+
+    def _clauses(self):
+        return [("2f + 1", lambda f: 2 * f + 1)]
+
+    def _aggregate(self, G, f, generator, state):
+        n = G.shape[0]
+        S = geo.sorted_rows(G)
+        return Aggregation(geo.sum_rows(S[f:n - f]).div_(n - 2 * f))
+
+
+class MeaMed(Aggregator):
+    """Mean around the median (Xie, Koyejo, Gupta 2018): per coordinate, the mean of the ``n − f``
+    values closest to the coordinate-wise median (even ``n``: midpoint median).
+
+    Requirement ``n ≥ 2f + 1``. VN bound: ``None``. NaN entries count as ``+inf`` (infinitely far from
+    the median). The ``n − f`` nearest values are a window of consecutive sorted values; of two
+    equally near windows the lower one is taken.
+    """
+
+    key = "meamed"
+
+    def _clauses(self):
+        return [("2f + 1", lambda f: 2 * f + 1)]
+
+    def _aggregate(self, G, f, generator, state):
+        S = geo.sorted_rows(G)
+        return Aggregation(geo.mean_closest(S, geo.median_of_sorted(S), G.shape[0] - f))
+
+
+class MDA(Aggregator):
+    """Minimum-diameter averaging (El Mhamdi et al. 2018; LPD's "brute"): the mean of the subset ``S``
+    of ``n − f`` rows whose diameter ``max_{i,j ∈ S} ‖x_i − x_j‖`` is smallest.
+
+    All ``C(n, f)`` subsets are scored in one gather from the ``n × n`` distance matrix through a cached
+    table of pair indices (:func:`dpbr.robust._geometry.mda_tables`); sizes whose table exceeds
+    :data:`MDA_MAX_ENTRIES` are refused by :meth:`check`. A subset containing a non-finite row has
+    infinite diameter, so it is never chosen while an all-finite subset exists — LPD's behaviour (it
+    drops such subsets).
+
+    Ties. The minimum-diameter subset is often not unique — two subsets that share the longest pair
+    tie exactly (about 40 % of Gaussian draws at ``n = 11, f = 5``) — so the tie-break matters:
+
+    - ``ties="tightest"`` (default): the tied subset with the smallest sum of squared pairwise
+      distances (the minimum-variance one; MVA among the minimum-diameter subsets), then the first in
+      ``itertools.combinations(range(n), n − f)`` order. Independent of the order of the rows.
+    - ``ties="first"``: the first tied subset in ``itertools.combinations`` order, as LPD's and ByzFL's
+      loops do. The result then depends on the row order: with the honest rows first (as in those
+      simulations) honest subsets win ties — an advantage a real adversary could take for itself by
+      arriving first. Use it to reproduce LPD exactly.
+
+    Identical Byzantine vectors make a subset tighter, so ``tightest`` could let them win ties that
+    ``first`` (with honest rows first) gives to honest rows; either choice keeps MDA's guarantee,
+    which holds for every minimum-diameter subset. In the study's setting (``n = 11, f = 5``, five
+    identical "little" or "empire" vectors, ``d`` = 69 or 5,000) the two selected the same subset in
+    all of 2,400 simulated aggregations; ties come from i.i.d. inputs.
+
+    Requirement ``n ≥ 2f + 1`` (LPD additionally refuses ``f = 0``; here ``f = 0`` averages all rows).
+    VN bound ``(n − f)/(√8·f)`` (LPD ``brute.upper_bound``; Garfield uses ``(n − f)/(2f)``), ``inf`` for
+    ``f = 0``.
+    """
+
+    key = "mda"
+    selects = True
+    TIES = ("tightest", "first")
+
+    def __init__(self, ties: str = "tightest") -> None:
+        if ties not in self.TIES:
+            raise ValueError(f"ties must be one of {', '.join(self.TIES)}, got {ties!r}")
+        self.ties = ties
+        super().__init__()
+        self._name(ties=None if ties == "tightest" else ties)
+
+    def _clauses(self):
+        return [("2f + 1", lambda f: 2 * f + 1)]
+
+    def _problem(self, n, f):
+        problem = super()._problem(n, f)
+        if problem is not None:
+            return problem
+        r = n - f
+        entries = geo.subset_pairs(n, r)
+        if entries > MDA_MAX_ENTRIES:
+            pairs = entries // math.comb(n, r)
+            return (
+                f"cannot search n = {n}, f = {f}: C({n}, {f}) = {math.comb(n, f)} subsets x {pairs} pairs "
+                f"= {entries} entries exceed the limit MDA_MAX_ENTRIES = {MDA_MAX_ENTRIES}"
+            )
+        return None
+
+    def _vn(self, n, f):
+        return math.inf if f == 0 else (n - f) / (math.sqrt(8.0) * f)
+
+    def _aggregate(self, G, f, generator, state):
+        n = G.shape[0]
+        D2, _ = _distances(G)
+        members, pairs = geo.mda_tables(n, f, str(D2.device))
+        within = D2.reshape(-1).index_select(0, pairs.reshape(-1)).view(pairs.shape)
+        diameters = within.amax(dim=1)
+        best = diameters.argmin() if self.ties == "first" else _lexargmin(diameters, within.sum(dim=1))
+        rows = members.index_select(0, best.reshape(1)).reshape(-1)
+        return Aggregation(geo.mean_rows(G, rows), _mask(n, rows))
+
+
+class Bulyan(Aggregator):
+    """Bulyan (El Mhamdi et al. 2018) over Krum.
+
+    1. Select ``θ = n − 2f`` rows by repeated Krum: in round ``t`` (``t`` rows already taken) score the
+       ``n − t`` remaining rows with Krum among themselves (``k_t = n − t − f − 2`` nearest remaining
+       others), take the argmin, remove it. Ties — certain when ``k_t = 1`` (the two rows of the
+       closest remaining pair) or ``k_t ≤ 0`` (the last round when ``f = 1``: every score is 0) — go
+       to the lower full-set Krum score (round 0's), then to the lower index.
+    2. Per coordinate, average the ``β = θ − 2f`` selected values closest to their median (even
+       ``θ``: midpoint median).
+
+    The ``θ`` rounds are a Python loop of ``n × n`` tensor operations (no host synchronisation).
+    LPD's ``bulyan.py`` differs: it averages Multi-Krum picks and selects ``n − 2f − 2`` rows.
+
+    Requirement ``n ≥ 4f + 3``. VN bound :func:`krum_vn_bound` (LPD ``bulyan.upper_bound``).
+    """
+
+    key = "bulyan"
+    selects = True
+
+    def _clauses(self):
+        return [("4f + 3", lambda f: 4 * f + 3)]
+
+    def _vn(self, n, f):
+        return krum_vn_bound(n, f)
+
+    def _aggregate(self, G, f, generator, state):
+        n = G.shape[0]
+        theta, beta = n - 2 * f, n - 4 * f
+        D2, _ = _distances(G)
+        dev = D2.device
+        huge = torch.finfo(D2.dtype).max
+        eye = torch.eye(n, dtype=torch.bool, device=dev)
+        others = D2.masked_fill(eye, math.inf)
+        diag = D2.diagonal()
+        full = _krum_scores(D2, n - f - 2).nan_to_num(nan=huge, posinf=huge)
+        removed = torch.zeros(n, dtype=torch.bool, device=dev)
+        arange = torch.arange(n, device=dev)
+        picks = []
+        for t in range(theta):
+            k = n - t - f - 2
+            if t == 0:
+                scores = full
+            elif k > 0:
+                near = others.masked_fill(removed[None, :], math.inf).topk(k, dim=1, largest=False).values
+                scores = (near.sum(1) + diag).nan_to_num(nan=huge, posinf=huge)
+            else:
+                scores = diag.nan_to_num(nan=huge, posinf=huge)
+            # finite-capped scores: a remaining row always beats a removed one
+            scores = torch.where(removed, math.inf, scores)
+            pick = _lexargmin(scores, full)
+            picks.append(pick)
+            removed = removed | (arange == pick)
+        rows = torch.stack(picks)
+        S = geo.sorted_rows(G.index_select(0, rows))
+        return Aggregation(geo.mean_closest(S, geo.median_of_sorted(S), beta), _mask(n, rows))
+
+
+class GeometricMedian(Aggregator):
+    """Geometric median by smoothed Weiszfeld iterations (RFA, Pillutla et al. 2022).
+
+    ``z ← Σ_i w_i x_i / Σ_i w_i`` with ``w_i = 1/max(ν, ‖x_i − z‖)``, ``iters`` times, starting from the
+    medoid (the row with the smallest sum of distances to the others: robust and translation
+    equivariant; ByzFL starts from 0 with ``T = 3``, Karimireddy et al. use ``T = 8``). The iterations
+    run on the Gram matrix in the ``n``-dimensional coefficient space ``z = Σ a_i x_i`` (each costs
+    ``O(n²)``, so more iterations are nearly free); ``d``-dimensional data is read twice in total.
+
+    Parameters
+    ----------
+    nu:
+        Smoothing ``ν > 0`` (default 0.1), in the units of the inputs.
+    iters:
+        Number of Weiszfeld iterations (default 8).
+
+    Requirement ``n ≥ 2f + 1`` (breakdown point 1/2; ``f`` is otherwise unused). VN bound: ``None``.
+    Non-finite rows get weight 0 (the result is the geometric median of the finite rows).
+    """
+
+    key = "geometric-median"
+
+    def __init__(self, nu: float = 0.1, iters: int = 8) -> None:
+        self.nu = _positive_float(nu, "nu")
+        self.iters = _positive_int(iters, "iters")
+        super().__init__()
+        self._name(nu=self.nu if self.nu != 0.1 else None, iters=self.iters if self.iters != 8 else None)
+
+    def _clauses(self):
+        return [("2f + 1", lambda f: 2 * f + 1)]
+
+    def _aggregate(self, G, f, generator, state):
+        X = geo.compute_view(G)
+        K = geo.gram(X)
+        D2, finite = geo.sqdist(K)
+        ok = finite[:, None] & finite[None, :]
+        Kd = torch.where(ok, K, 0).double()
+        sq = Kd.diagonal()
+        dist_sum = torch.where(ok, D2.double().sqrt(), 0).sum(1)
+        start = torch.where(finite, dist_sum, math.inf).argmin()
+        a = (torch.arange(G.shape[0], device=G.device) == start).double()
+        alive = finite.double()
+        nu2 = self.nu**2
+        for _ in range(self.iters):
+            Ka = Kd @ a
+            # w_i = 1 / max(ν, ‖x_i − z‖), ‖x_i − z‖² = K_ii − 2 (K a)_i + aᵀ K a
+            w = torch.add(sq, Ka, alpha=-2).add_(a @ Ka).clamp_min_(nu2).rsqrt_().mul_(alive)
+            a = w / w.sum()
+        return Aggregation(geo.combine(a, X, finite).to(G.dtype))
+
+
+class CenteredClipping(Aggregator):
+    """Centered clipping (Karimireddy, He, Jaggi 2021).
+
+    ``v ← v + (1/n) Σ_i clip_τ(x_i − v)``, ``clip_τ(y) = y · min(1, τ/‖y‖)``, ``iters`` times, from
+    ``v₀ = state`` (the previous aggregate; zeros when ``state`` is ``None``). The new center is
+    returned in :attr:`Aggregation.state` — explicit, never kept in the object (ByzFL's
+    ``CenteredClipping`` keeps it hidden between calls).
+
+    The inputs are centred on ``v₀`` once (``x_i − v₀``, which also keeps the distances accurate when
+    ``v₀`` is close to the inputs), and the iterations run in the coefficient space of their Gram
+    matrix (``O(n²)`` each).
+
+    Parameters
+    ----------
+    tau:
+        Clipping radius ``τ > 0`` (default 10, as in Karimireddy et al.'s bucketing experiments, which
+        scale it by ``1/(1 − β)`` with worker momentum ``β``; ByzFL's default is 100).
+    iters:
+        Number of clipping iterations ``L`` (default 3 as in those experiments; ByzFL uses 1).
+
+    Requirement ``n ≥ 1`` (``f`` is unused). VN bound: ``None``. A non-finite row contributes a zero
+    update (weight 0) and still counts in ``1/n``; ``state`` must be finite.
+    """
+
+    key = "centered-clipping"
+
+    def __init__(self, tau: float = 10.0, iters: int = 3) -> None:
+        self.tau = _positive_float(tau, "tau")
+        self.iters = _positive_int(iters, "iters")
+        super().__init__()
+        self._name(tau=self.tau if self.tau != 10.0 else None, iters=self.iters if self.iters != 3 else None)
+
+    def _aggregate(self, G, f, generator, state):
+        n, d = G.shape
+        X = geo.compute_view(G)
+        if state is None:
+            center = None
+            Y = X
+        else:
+            if not isinstance(state, Tensor) or tuple(state.shape) != (d,):
+                raise ValueError(
+                    f"aggregation rule {self.name!r}: state must be the previous center, a Tensor[{d}], got "
+                    f"{type(state).__name__}{tuple(state.shape) if isinstance(state, Tensor) else ''}"
+                )
+            center = state.to(device=X.device, dtype=X.dtype)
+            Y = X - center
+        K = geo.gram(Y)
+        finite = torch.isfinite(K.diagonal())
+        ok = finite[:, None] & finite[None, :]
+        Kd = torch.where(ok, K, 0).double()
+        sq = Kd.diagonal()
+        alive = finite.double()
+        # v = v0 + Σ c_i (x_i − v0): coefficients c over the centred rows y_i = x_i − v0
+        c = torch.zeros(n, dtype=torch.float64, device=X.device)
+        tau2 = self.tau**2
+        for _ in range(self.iters):
+            Kc = Kd @ c
+            # λ_i = min(1, τ/‖y_i − v‖) (0 for a non-finite row), ‖y_i − v‖² = K_ii − 2 (K c)_i + cᵀ K c
+            lam = torch.add(sq, Kc, alpha=-2).add_(c @ Kc).clamp_min_(tau2).rsqrt_().mul_(self.tau * alive)
+            c = c * (1 - lam.sum() / n) + lam / n
+        value = geo.combine(c, Y, finite)
+        if center is not None:
+            value = value + center
+        value = value.to(G.dtype)
+        return Aggregation(value, state=value.clone())
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Pre-aggregators
+
+
+class Bucketing(Aggregator):
+    """Bucketing (Karimireddy, He, Jaggi 2022), then ``inner`` on the bucket means with the same ``f``.
+
+    A random permutation ``π`` (from ``generator``) splits the rows into ``⌈n/s⌉`` buckets of ``s``
+    consecutive permuted rows, the last one holding the ``n − s(⌈n/s⌉ − 1)`` left over; each bucket is
+    averaged and ``inner`` aggregates the bucket means with the *same* ``f``: each Byzantine row can
+    spoil at most one bucket. This is what the authors' code (``bucketing_wrapper``: ``T = ⌈n/s⌉``,
+    Krum built with ``n = T`` and the original ``f``) and ByzFL's ``Bucketing`` (``⌊n/s⌋`` full buckets
+    plus the remainder) do. The result is invariant to row order only in distribution.
+
+    Requirement: ``inner``'s with ``n`` replaced by ``⌈n/s⌉`` (e.g. ``ceil(n/2) >= 2f + 3``), so
+    ``min_workers(f) = s·(inner.min_workers(f) − 1) + 1``. VN bound:
+    ``sqrt(r)·inner.vn_bound(⌈n/s⌉, f)`` with ``r = n − s(⌈n/s⌉ − 1)`` the smallest bucket size — the
+    mean of ``r`` i.i.d. honest vectors has ``1/sqrt(r)`` of their VN ratio (a derived bound, assuming
+    i.i.d. honest vectors; ``None`` when ``inner`` has none). ``selected`` marks the rows of the
+    buckets ``inner`` selected.
+
+    Parameters
+    ----------
+    s:
+        Bucket size ``s ≥ 1`` (default 2, the paper's choice; ``s = 1`` only permutes).
+    """
+
+    key = "bucketing"
+
+    def __init__(self, inner: Aggregator, s: int = 2) -> None:
+        self.inner = inner
+        self.s = _positive_int(s, "s")
+        self.name = f"{format_term(self.key, {'s': self.s})}+{inner.name}"
+
+    @property
+    def selects(self) -> bool:  # type: ignore[override]
+        return self.inner.selects
+
+    def _buckets(self, n: int) -> int:
+        return -(-n // self.s)
+
+    def requirement_for(self, nsym: str) -> str:
+        return self.inner.requirement_for(f"ceil({nsym}/{self.s})")
+
+    def min_workers(self, f: int) -> int:
+        return self.s * (self.inner.min_workers(f) - 1) + 1
+
+    def _problem(self, n, f):
+        problem = super()._problem(n, f)
+        if problem is not None:
+            return problem
+        inner = self.inner._problem(self._buckets(n), f)
+        return None if inner is None else f"after bucketing n = {n} into {self._buckets(n)}: {inner}"
+
+    def _vn(self, n, f):
+        nb = self._buckets(n)
+        k = self.inner.vn_bound(nb, f)
+        return None if k is None else math.sqrt(n - self.s * (nb - 1)) * k
+
+    def _aggregate(self, G, f, generator, state):
+        n, d = G.shape
+        s, nb = self.s, self._buckets(n)
+        if generator is None:
+            perm = torch.randperm(n, device=G.device)
+        else:
+            perm = torch.randperm(n, generator=generator, device=generator.device).to(G.device)
+        X = geo.compute_view(G).index_select(0, perm)
+        full = n // s
+        parts = []
+        if full:
+            parts.append(X[: full * s].reshape(full, s, d).mean(dim=1))
+        if full * s < n:
+            parts.append(X[full * s:].mean(dim=0, keepdim=True))
+        means = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(G.dtype)
+        out = self.inner._aggregate(means, f, generator, state)
+        selected = None
+        if out.selected is not None:
+            bucket_of = torch.empty_like(perm).scatter_(0, perm, torch.arange(n, device=G.device) // s)
+            selected = out.selected.index_select(0, bucket_of)
+        return Aggregation(out.value, selected, out.state)
+
+
+class NNM(Aggregator):
+    """Nearest-neighbour mixing (Allouah et al. 2023), then ``inner`` on the mixed vectors with the same ``f``.
+
+    Each row ``x_i`` is replaced by the mean of its ``n − f`` nearest rows (itself included; squared
+    distances from one Gram matrix) — one ``(n × n) @ (n × d)`` product. The mixed vector of a
+    non-finite row is NaN (so ``inner`` still sees at most ``f`` non-finite rows); those of finite rows
+    only average finite rows.
+
+    Requirement: ``n ≥ 2f + 1`` (the paper's ``n > 2f``) and ``inner``'s. VN bound: ``None`` (mixed
+    vectors are dependent; no constant is known to us). ``selected`` is ``inner``'s selection of mixed
+    vectors, indexed by the row each was centred on.
+    """
+
+    key = "nnm"
+
+    def __init__(self, inner: Aggregator) -> None:
+        self.inner = inner
+        self.name = f"{self.key}+{inner.name}"
+
+    @property
+    def selects(self) -> bool:  # type: ignore[override]
+        return self.inner.selects
+
+    def requirement_for(self, nsym: str) -> str:
+        clauses = [f"{nsym} >= 2f + 1"] + self.inner.requirement_for(nsym).split(" and ")
+        return " and ".join(dict.fromkeys(c for c in clauses if c != f"{nsym} >= 1"))
+
+    def min_workers(self, f: int) -> int:
+        return max(2 * _count(f, "f") + 1, self.inner.min_workers(f))
+
+    def _problem(self, n, f):
+        return super()._problem(n, f) or self.inner._problem(n, f)
+
+    def _aggregate(self, G, f, generator, state):
+        n = G.shape[0]
+        X = geo.compute_view(G)
+        D2, finite = geo.sqdist(geo.gram(X))
+        near = D2.topk(n - f, dim=1, largest=False).indices
+        W = torch.zeros(n, n, dtype=X.dtype, device=X.device).scatter_(1, near, 1.0 / (n - f))
+        mixed = geo.combine(W, X, finite)
+        mixed.add_(torch.where(finite, 0.0, math.nan).to(mixed.dtype)[:, None])  # NaN rows stay NaN
+        return self.inner._aggregate(mixed.to(G.dtype), f, generator, state)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Registry
+
+_RULES: Registry[Aggregator] = Registry(kind="aggregation rule", option=OPTION)
+_PRE: Registry[Callable[[Aggregator], Aggregator]] = Registry(kind="pre-aggregator", option=OPTION)
+
+_RULES.register("average", "mean", "avg")(Average)
+_RULES.register("krum")(Krum)
+_RULES.register("multi-krum", "multikrum", "multi_krum")(MultiKrum)
+_RULES.register("median", "cm", "coordinate-median")(Median)
+_RULES.register("trimmed-mean", "tm", "trimmed_mean")(TrimmedMean)
+_RULES.register("meamed")(MeaMed)
+_RULES.register("mda", "brute")(MDA)
+_RULES.register("bulyan")(Bulyan)
+_RULES.register("geometric-median", "rfa", "geometric_median", "gm")(GeometricMedian)
+_RULES.register("centered-clipping", "cc", "centered_clipping", "centeredclipping")(CenteredClipping)
+
+
+@_PRE.register("bucketing")
+def _bucketing(s: int = 2) -> Callable[[Aggregator], Aggregator]:
+    s = _positive_int(s, "s")
+    return lambda inner: Bucketing(inner, s)
+
+
+@_PRE.register("nnm")
+def _nnm() -> Callable[[Aggregator], Aggregator]:
+    return NNM
+
+
+def names() -> list[str]:
+    """Every registered rule and pre-aggregator name (aliases excluded), sorted."""
+    return sorted(set(_RULES.names()) | set(_PRE.names()))
+
+
+def get(name: str, **params: Any) -> Aggregator:
+    """Build the aggregator described by the spec string ``name``.
+
+    ``name`` is ``[pre+]...rule``: zero or more pre-aggregators (``bucketing(s=2)``, ``nnm``) joined
+    by ``+`` before one rule, each ``name`` or ``name(key=value, ...)``. ``params``, if given, are
+    added to (and override) the parameters of the last term, the rule.
+
+    The result's :attr:`~Aggregator.name` is the canonical spec (:func:`dpbr.registry.format_term`
+    of each term: lower case, aliases resolved, the given parameters sorted and canonically
+    formatted; defaults are not added), e.g. ``get("CC(tau=1.0)").name == "centered-clipping(tau=1)"``.
+
+    Raises
+    ------
+    dpbr.errors.UsageError
+        Unknown names or parameters, bad parameter values, a rule before ``+`` or a pre-aggregator
+        last; the message names ``--gar`` and lists what is allowed.
+    """
+    terms = parse(name, option=OPTION)
+    *pres, (rule_name, rule_params) = terms
+    if rule_name in _PRE and rule_name not in _RULES:
+        raise UsageError(OPTION, f"{rule_name!r} is a pre-aggregator; end the spec with a rule, e.g. '{rule_name}+krum'")
+    for pre_name, _ in pres:
+        if pre_name in _RULES and pre_name not in _PRE:
+            raise UsageError(
+                OPTION, f"{pre_name!r} is a rule; only pre-aggregators ({', '.join(_PRE.names())}) may precede '+'"
+            )
+    rule_params = {**rule_params, **params}
+    agg = _RULES.build(rule_name, **rule_params)
+    agg.name = format_term(_RULES.resolve(rule_name), rule_params)
+    for pre_name, pre_params in reversed(pres):
+        agg = _PRE.build(pre_name, **pre_params)(agg)
+        agg.name = f"{format_term(_PRE.resolve(pre_name), pre_params)}+{agg.inner.name}"
+    return agg
