@@ -180,9 +180,22 @@ def _value_list(text: Optional[str], option: str) -> list[Optional[str]]:
     return [None if p.lower() in ("", "none", "null", "inf") else p for p in parts]
 
 
+def _checkpoint_list(values: list[str]) -> list[str]:
+    """Each ``--checkpoint`` value is ``init``, an existing path (commas allowed: cell ids contain them)
+    or a comma-separated list of those."""
+    out: list[str] = []
+    for value in values:
+        text = value.strip()
+        if text.lower() == "init" or Path(text).exists():
+            out.append(text)
+        else:
+            out.extend(t for t in (p.strip() for p in text.split(",")) if t)
+    return out
+
+
 @app.command("vn")
 def vn_cmd(
-    checkpoint: str = typer.Option("init", "--checkpoint", help="Parameters: 'init' (the model's initial parameters for --seed), checkpoint files of 'dpbr train --checkpoint-steps', or their folder; comma-separated for a trajectory."),
+    checkpoint: list[str] = typer.Option(["init"], "--checkpoint", help="Parameters: 'init' (the model's initial parameters for --seed), a checkpoint file of 'dpbr train --checkpoint-steps', or their folder (a trajectory); repeat the option (or separate with commas) for several."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset [default: the checkpoint's; mnist for init]."),
     model: Optional[str] = typer.Option(None, "--model", help="Model [default: the checkpoint's; cnn for init]."),
     run: Optional[str] = typer.Option(None, "--run", help="Check that the checkpoint comes from this training run id (12 hex digits) or 'init'."),
@@ -225,7 +238,7 @@ def vn_cmd(
     if None in sizes:
         raise UsageError("--batch-size", "expected positive integers such as '10,50,100'")
     cells = build_cells(
-        [c for c in checkpoint.split(",")], options, batch_sizes=sizes,
+        _checkpoint_list(checkpoint), options, batch_sizes=sizes,
         epsilons=_value_list(epsilon, "--epsilon"), sparsities=_value_list(sparsify, "--sparsify"),
     )
     first = cells[0][2][0]
@@ -251,6 +264,7 @@ def reconstruct_cmd(
     model: str = typer.Option("lenet", "--model", help="Attacked model: lenet (DLG's), cnn (the study's), 'resnet(depth=32,width=10)'."),
     dataset: str = typer.Option("mnist", "--dataset", help="Image dataset: mnist, fashion-mnist, cifar10, cifar100 (where downloadable), synthetic."),
     state: str = typer.Option("initial", "--state", help="Model state: 'initial' (as dpbr train with the same seed starts) or a checkpoint file from 'dpbr train --checkpoint-steps' (…/step=S.pt)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Model normalises inputs with the dataset's mean/std, as dpbr train's models do; --no-normalize = DLG's original LeNet on raw [0, 1] pixels (state initial only)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images in the attacked batch (1 … 1000)."),
     defence: str = typer.Option("none", "--defence", help="Defence applied to the shared gradient (a privacy-mechanism spec): none, 'gaussian(sigma=0.01)', 'gaussian(epsilon=0.2,delta=1e-06,clip=0.01,batch_size=1)', 'sparsify(p=0.2)', 'quantize(bits=8,kind=uniform)', 'quantize(kind=sign)', 'clip(c=1)+gaussian(sigma=0.1)'."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels: soft (optimised; dlg), infer (iDLG rule), known [default: soft for dlg, infer for idlg, known for ig]."),
@@ -271,7 +285,7 @@ def reconstruct_cmd(
     from dpbr.inversion.run import reconstruct
     from dpbr.spec import ReconSpec
 
-    spec = ReconSpec.create(attack=attack, model=model, dataset=dataset, state=state, batch_size=batch_size,
+    spec = ReconSpec.create(attack=attack, model=model, dataset=dataset, normalize=normalize, state=state, batch_size=batch_size,
                             defence=defence, labels=labels, iterations=iterations, restarts=restarts, lr=lr, tv=tv,
                             seed=seed)
     target = out if out is not None else spec.path("results")
@@ -287,6 +301,47 @@ def reconstruct_cmd(
 
 # ----------------------------------------------------------------------------------------------- #
 # dpbr aggregate / dpbr plot (issue 4) — section owned by the workflow work
+
+
+@app.command("aggregate")
+def aggregate_cmd(
+    paths: Optional[list[Path]] = typer.Argument(None, help="Cell files or folders searched recursively for *.parquet [default: results/train]."),
+    files_from: Optional[str] = typer.Option(None, "--files-from", help="Also read cell file paths, one per line, from this file ('-' = standard input; no length limit)."),
+    out_dir: Path = typer.Option(Path("results/summary"), "--out-dir", help="Folder of the summary tables."),
+    quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
+) -> None:
+    """Concatenate training cells into metrics.parquet and tabulate final accuracy (mean ± std over seeds)."""
+    from dpbr.report.aggregate import aggregate, find_cell_files, read_file_list
+
+    given: list[str | Path] = list(paths or [])
+    if files_from is not None:
+        given += read_file_list(files_from)
+    if not given:
+        given = [Path("results/train")]
+    written = aggregate(find_cell_files(given), out_dir)
+    if not quiet:
+        for path in written.values():
+            print(f"wrote {path}", file=sys.stderr)
+
+
+@app.command("plot")
+def plot_cmd(
+    summary_dir: Path = typer.Option(Path("results/summary"), "--summary-dir", help="Folder written by 'dpbr aggregate'."),
+    out_dir: Path = typer.Option(Path("results/figures"), "--out-dir", help="Figures go to <out-dir>/dataset=<d>,model=<m>/<figure>.<format>."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Only this dataset (canonical name as in the cells) [default: all]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Only this model [default: all]."),
+    formats: str = typer.Option("html,png,svg", "--formats", help="Comma-separated: html (self-contained, offline), png, svg."),
+    quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
+) -> None:
+    """Draw accuracy and loss vs step (rows ε, columns b, colour rule/attack, band ± std) and final accuracy vs b."""
+    from dpbr.report.charts import plot
+
+    fmts = [f.strip().lower() for f in formats.split(",") if f.strip()]
+    if not fmts:
+        raise UsageError("--formats", "expected one or more of html, png, svg")
+    written = plot(summary_dir, out_dir, dataset=dataset, model=model, formats=fmts)
+    if not quiet:
+        print(f"wrote {len(written)} files under {out_dir}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- #

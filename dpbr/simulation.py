@@ -387,9 +387,9 @@ class Simulation:
                 checkpoint(step_no, theta)
             if spec.eval_every > 0 and (step_no % spec.eval_every == 0 or step_no == steps):
                 evaluations[step_no] = self.evaluate()
-                last_acc = None
+                last_acc = float(evaluations[step_no][0]) if progress is not None else None
             if progress is not None:
-                progress(step_no, last_acc if last_acc is not None else None)
+                progress(step_no, last_acc)
         if status == "completed" and spec.eval_every == 0:
             evaluations[done] = self.evaluate()
         evals = {k: (float(a), float(l)) for k, (a, l) in evaluations.items() if k <= done}

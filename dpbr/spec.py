@@ -17,7 +17,6 @@ form, so that every way of writing the same cell gives the same id.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -30,10 +29,14 @@ from dpbr.registry import canonical, format_float
 
 __all__ = [
     "CellSpec",
+    "ReconSpec",
     "RunSpec",
+    "VNSpec",
     "option_name",
     "parse_optional_float",
     "path_token",
+    "replace",
+    "run_token",
 ]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+\-]")
@@ -603,6 +606,10 @@ class ReconSpec(CellSpec):
     dataset, model:
         An image dataset (``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``, image ``synthetic``)
         and a classifier (``lenet`` — DLG's —, ``cnn``, ``resnet(...)``).
+    normalize:
+        Whether the model normalises its input with the dataset's mean and standard deviation, as
+        every model ``dpbr train`` builds does (default ``True``). ``False`` gives DLG's original
+        setting (its LeNet saw raw ``[0, 1]`` pixels); only with state ``initial``.
     state:
         ``"initial"`` (the model as ``dpbr train`` with the same seed would start: built with
         ``seed = derive_seed(seed, "model")``) or the path of a ``dpbr train --checkpoint-steps``
@@ -628,7 +635,7 @@ class ReconSpec(CellSpec):
 
     kind: ClassVar[str] = "reconstruct"
     layout: ClassVar[tuple[tuple[str, ...], ...]] = (
-        ("dataset", "model", "state"),
+        ("dataset", "model", "normalize", "state"),
         ("attack", "labels", "defence"),
         ("batch_size", "iterations", "restarts", "lr", "tv"),
         ("seed",),
@@ -636,6 +643,7 @@ class ReconSpec(CellSpec):
 
     dataset: str = "mnist"
     model: str = "lenet"
+    normalize: bool = True
     state: str = "initial"
     attack: str = "dlg"
     labels: str = "soft"
@@ -705,6 +713,10 @@ class ReconSpec(CellSpec):
             raise UsageError("--state", "expected 'initial' or the path of a dpbr train checkpoint (step=S.pt)")
         if state.lower() in ("initial", "init"):
             state = "initial"
+        normalize = _bool(given("normalize", cls.normalize), "normalize")
+        if not normalize and state != "initial":
+            raise UsageError("--normalize", "dpbr train checkpoints are of normalising models; "
+                                            "--no-normalize needs --state initial")
 
         defence_raw = o.get("defence")
         defence = None
@@ -727,10 +739,14 @@ class ReconSpec(CellSpec):
         if math.isinf(tv):
             raise UsageError("--tv", "must be finite")
         seed = _int(given("seed", cls.seed), "seed", low=0)
-        return cls(dataset=dataset, model=model, state=state, attack=attack, labels=labels, defence=defence,
+        return cls(dataset=dataset, model=model, normalize=normalize, state=state, attack=attack, labels=labels, defence=defence,
                    batch_size=batch_size, iterations=iterations, restarts=restarts, lr=lr, tv=tv, seed=seed)
 
     # -- naming -------------------------------------------------------------------------------- #
+
+    def normalization(self, dataset: Any) -> tuple[Any, Any]:
+        """``(mean, std)`` the model applies: the dataset's, or ``(None, None)`` with ``normalize=False``."""
+        return (dataset.mean, dataset.std) if self.normalize else (None, None)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -755,3 +771,14 @@ class ReconSpec(CellSpec):
             ",".join(f"{k}={self.state_token() if k == 'state' else path_token(getattr(self, k))}" for k in group)
             for group in self.layout
         )
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise UsageError(option_name(name), f"expected true or false, got {value!r}")

@@ -15,6 +15,9 @@ def test_write_parquet_round_trip_with_metadata(tmp_path):
     assert pd.read_parquet(path).equals(frame)
     assert read_metadata(path) == {"device": "cpu", "spec": {"seed": 3}}
     assert os.listdir(tmp_path / "sub") == ["x.parquet"]  # no temporary left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask  # readable like any file, not mkstemp's 0600
 
 
 def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):

@@ -1,0 +1,169 @@
+"""Benchmark of the Snakemake workflow: dry-run time of big grids and the cost of one job.
+
+    .venv/bin/python bench/bench_workflow.py [--repeats 3] [--cells 10000] [--trivial 4]
+
+Prints a table (medians over ``--repeats`` runs, wall-clock seconds, each a fresh ``python -m
+snakemake`` as a user runs it, in a temporary folder):
+
+- start-up: a dry run of an empty grid (Python, Snakemake and its plugins, torch and dpbr imports);
+- dry run of the paper grid (config/paper.yaml, 900 cells) and of a generated grid of ``--cells``
+  cells (logistic model on generated data, 100 batch sizes × N seeds), with the per-job cost
+  ``(dry run − start-up) / jobs``;
+- a trivial cell (logistic model, 1 step, no evaluation): run directly with ``python -m dpbr
+  train`` and through the workflow (``--trivial`` cells, ``--cores 1``); the workflow's own cost per
+  job is ``(run − start-up) / cells − direct``.
+
+Also reports the machine load, and how long the SLURM client tools take to answer (the SLURM
+executor plugin asks them once per Snakemake start; where the tools are installed but no
+controller runs, that is a fixed delay of every start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+SYNTH = "synthetic(d=68,classes=2,n=200,n_test=50)"
+
+
+def wall(cmd: list[str], cwd: Path, timeout: float = 1800, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall seconds and output of one command (fails loudly on a non-zero exit)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
+    return seconds, proc.stdout
+
+
+def snakemake(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
+
+
+def median_wall(cmd: list[str], cwd: Path, repeats: int, env: dict[str, str] | None = None) -> tuple[float, str]:
+    runs = [wall(cmd, cwd, env=env) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), runs[-1][1]
+
+
+def total_jobs(output: str) -> int:
+    for line in output.splitlines():
+        if line.startswith("total"):
+            return int(line.split()[1])
+    return 0
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class Table:
+    """Markdown table rows printed as they are measured (a failure keeps what was measured)."""
+
+    WIDTH = 66
+
+    def header(self) -> None:
+        print(f"| {'measurement'.ljust(self.WIDTH)} | value |", flush=True)
+        print(f"|{'-' * (self.WIDTH + 2)}|-------|", flush=True)
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"| {row[0].ljust(self.WIDTH)} | {row[1]} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cells", type=int, default=10_000)
+    parser.add_argument("--trivial", type=int, default=4)
+    args = parser.parse_args()
+
+    rows = Table()
+    load_before = os.getloadavg()
+    print(f"dpbr workflow benchmark — {os.cpu_count()}-core machine, load average {load_before[0]:.1f} at start, "
+          f"medians of {args.repeats} runs\n", flush=True)
+    rows.header()
+    with tempfile.TemporaryDirectory(prefix="dpbr-bench-") as tmp:
+        work = Path(tmp)
+        base = {"device": "cpu", "plots": {"formats": ["png"]}}
+        empty = write(work / "empty.yaml", {**base, "train": {"grid": []}})
+        startup, _ = median_wall(snakemake(work, "-n", "--quiet", "rules", "--configfile", str(empty)), work,
+                                 args.repeats)
+        rows.append(("start-up (dry run, empty grid)", f"{startup:.2f} s"))
+
+        paper, out = median_wall(snakemake(work, "-n", "--quiet", "rules", "--configfile",
+                                           str(REPO / "config" / "paper.yaml")), work, args.repeats)
+        jobs = total_jobs(out)
+        rows.append((f"dry run, paper grid ({jobs} jobs)", f"{paper:.2f} s"))
+        rows.append(("  per job beyond start-up", f"{1000 * (paper - startup) / jobs:.2f} ms"))
+        if shutil.which("scontrol"):
+            # The SLURM plugin asks `scontrol show config` at every start; where the tools are installed
+            # but no controller answers, that waits ~9 s. A stand-in that fails at once isolates it.
+            fake = work / "fake-bin"
+            fake.mkdir()
+            (fake / "scontrol").write_text("#!/bin/sh\nexit 1\n")
+            (fake / "scontrol").chmod(0o755)
+            env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"}
+            quick, _ = median_wall(snakemake(work, "-n", "--quiet", "rules", "--configfile", str(empty)), work,
+                                   args.repeats, env)
+            rows.append(("start-up, SLURM probe answered at once", f"{quick:.2f} s"))
+            quick_paper, _ = median_wall(snakemake(work, "-n", "--quiet", "rules", "--configfile",
+                                                   str(REPO / "config" / "paper.yaml")), work, args.repeats, env)
+            rows.append(("dry run, paper grid, SLURM probe answered at once", f"{quick_paper:.2f} s"))
+
+        seeds = -(-args.cells // 100)
+        big = write(work / "big.yaml", {**base, "train": {
+            "defaults": {"dataset": SYNTH, "model": "logit", "steps": 1, "eval_every": 0},
+            "grid": [{"batch_size": list(range(1, 101)), "seed": list(range(1, seeds + 1))}]}})
+        big_s, out = median_wall(snakemake(work, "-n", "--quiet", "rules", "--configfile", str(big)), work,
+                                 max(1, args.repeats - 1))
+        jobs = total_jobs(out)
+        rows.append((f"dry run, generated grid ({jobs - 3} cells, {jobs} jobs)", f"{big_s:.2f} s"))
+        rows.append(("  per job beyond start-up", f"{1000 * (big_s - startup) / jobs:.2f} ms"))
+
+        trivial_cfg = {"defaults": {"dataset": SYNTH, "model": "logit", "steps": 1, "eval_every": 0},
+                       "grid": [{"seed": list(range(1, args.trivial + 1))}]}
+        trivial = write(work / "trivial.yaml", {**base, "train": trivial_cfg})
+        from dpbr.report.grid import expand
+        from dpbr.spec import RunSpec
+
+        specs = list(expand(trivial_cfg, RunSpec, "train").values())
+        direct_cmd = [sys.executable, "-m", "dpbr", "train", *specs[0].cli_args(), "--out",
+                      str(work / "direct.parquet"), "--device", "cpu", "--threads", "1", "--quiet"]
+        direct, _ = median_wall(direct_cmd, work, args.repeats)
+        rows.append(("trivial cell, `python -m dpbr train` directly", f"{direct:.2f} s"))
+        runs = []
+        for _ in range(max(1, args.repeats - 1)):
+            shutil.rmtree(work / "results", ignore_errors=True)
+            shutil.rmtree(work / ".snakemake", ignore_errors=True)
+            targets = [str(s.path("results")) for s in specs]
+            # targets before --configfile (which takes several values)
+            runs.append(wall(snakemake(work, *targets, "--cores", "1", "--configfile", str(trivial)), work)[0])
+        run = statistics.median(runs)
+        per_job = (run - startup) / len(specs)
+        rows.append((f"trivial cells through the workflow ({len(specs)} cells, --cores 1)", f"{run:.2f} s"))
+        rows.append(("  per cell (beyond start-up)", f"{per_job:.2f} s"))
+        rows.append(("  Snakemake's own overhead per job", f"{per_job - direct:.2f} s"))
+
+        probe = shutil.which("scontrol")
+        if probe:
+            t = time.perf_counter()
+            subprocess.run([probe, "show", "config"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=120)
+            rows.append(("SLURM probe at each start (`scontrol show config`)", f"{time.perf_counter() - t:.2f} s"))
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

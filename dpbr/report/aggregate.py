@@ -1,0 +1,284 @@
+"""``dpbr aggregate``: every training cell file → tidy summary tables.
+
+Inputs are the Parquet files of ``dpbr train`` (one row per step; every row carries the cell's
+parameters, so their concatenation is already a tidy table). Outputs (names from
+:mod:`dpbr.report.layout`), each written atomically:
+
+``metrics.parquet``
+    All rows of all cells, plus the labels ``privacy`` (``none``, ``ε=0.2``, ``sparsify=0.25``, …),
+    ``pair`` (``gar/attack``) and ``group_id`` (the cell id without its seed).
+``final_accuracy.parquet`` / ``.csv``
+    One row per group of seeds (every parameter but the seed): the test accuracy at the last
+    evaluation of each run, mean and sample standard deviation (``ddof = 1``; undefined for one
+    seed) over the completed runs, min and max, the test loss likewise, the number of runs and how
+    many diverged. A run that diverged has no final accuracy (NaN): its last evaluation before the
+    divergence is not a result of the configured number of steps.
+``curves.parquet``
+    Per group and step: mean, standard deviation and count over seeds of the test accuracy and test
+    loss at each evaluation step, and of the training loss averaged over windows ``(s − w, s]`` of
+    ``w = ⌈steps / 20⌉`` steps (at most 20 points per run). Small enough to plot (the figures'
+    data), whatever the number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpbr.errors import UsageError
+from dpbr.io import atomic_path, write_parquet
+from dpbr.registry import format_float
+from dpbr.report.grid import spec_fields
+from dpbr.report.layout import summary_paths
+from dpbr.spec import RunSpec
+
+__all__ = [
+    "GROUP_FIELDS",
+    "aggregate",
+    "curves_table",
+    "final_accuracy_table",
+    "find_cell_files",
+    "load_metrics",
+    "loss_window",
+    "privacy_label",
+    "read_file_list",
+    "run_table",
+]
+
+#: The parameters that identify a group of seeds: every RunSpec field except ``seed``.
+GROUP_FIELDS: tuple[str, ...] = tuple(f for f in spec_fields(RunSpec) if f != "seed")
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Finding and reading cell files
+
+
+def read_file_list(source: str | Path) -> list[str]:
+    """Paths listed one per line in ``source`` (``"-"`` = standard input); blank lines are skipped."""
+    if str(source) == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise UsageError("--files-from", f"cannot read {str(source)!r}: {exc.strerror or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def find_cell_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Cell files from files and folders (folders are searched recursively for ``*.parquet``).
+
+    Hidden files (temporary names of atomic writes start with ``.``) are skipped. Order is kept,
+    duplicates are dropped.
+
+    Raises
+    ------
+    UsageError
+        A path that does not exist, or no file at all.
+    """
+    found: dict[Path, None] = {}
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            for f in sorted(path.rglob("*.parquet")):
+                if not f.name.startswith("."):
+                    found.setdefault(f, None)
+        elif path.is_file():
+            found.setdefault(path, None)
+        else:
+            raise UsageError("PATHS", f"{str(path)!r} does not exist (give cell files or folders of them)")
+    if not found:
+        raise UsageError("PATHS", "no cell files (*.parquet) found; run `dpbr train` or the workflow first")
+    return list(found)
+
+
+def privacy_label(epsilon: float | None, sparsify: float | None, quantize: str | None = None) -> str:
+    """Short label of a privacy setting: ``none``, ``ε=0.2``, ``sparsify=0.25``, ``ε=0.2 + sparsify=0.25``."""
+    parts = []
+    if epsilon is not None and not (isinstance(epsilon, float) and math.isnan(epsilon)):
+        parts.append(f"ε={format_float(epsilon)}")
+    if sparsify is not None and not (isinstance(sparsify, float) and math.isnan(sparsify)) and sparsify > 0:
+        parts.append(f"sparsify={format_float(sparsify)}")
+    if quantize is not None and not (isinstance(quantize, float) and math.isnan(quantize)) and str(quantize) != "":
+        parts.append(f"quantize={quantize}")
+    return " + ".join(parts) or "none"
+
+
+def _privacy_rank(epsilon: float, sparsify: float, quantize: object) -> tuple:
+    """Sort key of privacy settings: none, then ε from weak to strong noise, sparsify, quantize, mixes."""
+    has_eps = not pd.isna(epsilon)
+    has_sp = not pd.isna(sparsify) and sparsify > 0
+    has_q = not pd.isna(quantize)
+    kind = {(False, False, False): 0, (True, False, False): 1, (False, True, False): 2, (False, False, True): 3}
+    return (kind.get((has_eps, has_sp, has_q), 4), -epsilon if has_eps else 0.0, sparsify if has_sp else 0.0,
+            str(quantize) if has_q else "")
+
+
+def _group_id(cell_id: str) -> str:
+    head, _, last = cell_id.rpartition("/")
+    return head if last.startswith("seed=") else cell_id
+
+
+def load_metrics(files: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate cell files into one table and add the labels ``privacy``, ``pair``, ``group_id``.
+
+    Columns present in some files only are filled with nulls (types are promoted, e.g. an all-null
+    ``epsilon`` column and a float one give floats). ``privacy_rank`` orders privacy settings.
+    """
+    if not files:
+        raise UsageError("PATHS", "no cell files to aggregate")
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f).replace_schema_metadata(None))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise UsageError("PATHS", f"cannot read {str(f)!r}: {' '.join(str(exc).split())}") from None
+    table = pa.concat_tables(tables, promote_options="default")
+    frame = table.to_pandas()
+    missing = [c for c in ("cell_id", "step", "test_accuracy", "status", *GROUP_FIELDS) if c not in frame.columns]
+    if missing:
+        raise UsageError("PATHS", f"not dpbr train files: column {missing[0]!r} is missing")
+    cells = frame.drop_duplicates("cell_id")[["cell_id", "epsilon", "sparsify", "quantize", "gar", "attack"]]
+    labels = pd.DataFrame({
+        "cell_id": cells["cell_id"].to_numpy(),
+        "privacy": [privacy_label(e, s, q) for e, s, q in zip(cells["epsilon"], cells["sparsify"], cells["quantize"])],
+        "privacy_rank": [_privacy_rank(e, s, q) for e, s, q in zip(cells["epsilon"], cells["sparsify"], cells["quantize"])],
+        "pair": [f"{g}/{a}" for g, a in zip(cells["gar"], cells["attack"])],
+        "group_id": [_group_id(c) for c in cells["cell_id"]],
+    })
+    ranks = sorted(set(labels["privacy_rank"]))
+    labels["privacy_rank"] = [ranks.index(r) for r in labels["privacy_rank"]]
+    return frame.merge(labels, on="cell_id", how="left", validate="many_to_one")
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Tables
+
+
+_GROUP_INFO = (*GROUP_FIELDS, "privacy", "privacy_rank", "pair")
+
+
+def run_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (cell): its last evaluation (``final_step``, ``final_accuracy``, ``final_test_loss``).
+
+    Runs whose ``status`` is not ``completed`` (diverged) get NaN final values.
+    """
+    info = metrics.drop_duplicates("cell_id").set_index("cell_id")[[*_GROUP_INFO, "seed", "status", "group_id"]]
+    steps_done = metrics.groupby("cell_id", sort=False)["step"].max().rename("steps_done")
+    evals = metrics.loc[metrics["test_accuracy"].notna(), ["cell_id", "step", "test_accuracy", "test_loss"]]
+    last = (evals.sort_values(["cell_id", "step"]).groupby("cell_id", sort=False).tail(1)
+            .set_index("cell_id").rename(columns={"step": "final_step", "test_accuracy": "final_accuracy",
+                                                  "test_loss": "final_test_loss"}))
+    runs = info.join(steps_done).join(last)
+    runs["completed"] = runs["status"].astype(str) == "completed"
+    runs.loc[~runs["completed"], ["final_accuracy", "final_test_loss"]] = np.nan
+    return runs.reset_index()
+
+
+def final_accuracy_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Final test accuracy per group of seeds: mean ± std (ddof 1) over completed runs, and counts.
+
+    Columns: the group's parameters, ``privacy``, ``pair``, ``runs``, ``completed``, ``diverged``,
+    ``seeds``, ``accuracy_mean``, ``accuracy_std``, ``accuracy_min``, ``accuracy_max``,
+    ``test_loss_mean``, ``test_loss_std``, ``final_step``, ``accuracy`` (text ``0.9123 ± 0.0041``),
+    ``group_id``. Sorted by dataset, model, privacy, pair, batch size.
+    """
+    runs = run_table(metrics)
+    g = runs.groupby("group_id", sort=False)
+    out = g[list(_GROUP_INFO)].first()
+    out["runs"] = g.size()
+    out["completed"] = g["completed"].sum().astype(int)
+    out["diverged"] = out["runs"] - out["completed"]
+    out["seeds"] = g["seed"].agg(lambda s: ",".join(str(int(v)) for v in sorted(s)))
+    acc = g["final_accuracy"]
+    out["accuracy_mean"] = acc.mean()
+    out["accuracy_std"] = acc.std(ddof=1)
+    out["accuracy_min"] = acc.min()
+    out["accuracy_max"] = acc.max()
+    out["test_loss_mean"] = g["final_test_loss"].mean()
+    out["test_loss_std"] = g["final_test_loss"].std(ddof=1)
+    out["final_step"] = g["final_step"].max()
+    out["accuracy"] = [_mean_std_text(m, s, n) for m, s, n in zip(out["accuracy_mean"], out["accuracy_std"], out["completed"])]
+    out = out.reset_index()
+    order = ["dataset", "model", "privacy_rank", "pair", "batch_size", "group_id"]
+    return out.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _mean_std_text(mean: float, std: float, n: int) -> str:
+    if n == 0 or pd.isna(mean):
+        return "diverged"
+    if n == 1 or pd.isna(std):
+        return f"{mean:.4f} (1 seed)"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def loss_window(steps: np.ndarray | int) -> np.ndarray:
+    """Steps per training-loss window: ``⌈steps / 20⌉`` (so a curve has at most 20 points), at least 1."""
+    return np.maximum(1, -(-np.asarray(steps, dtype=np.int64) // 20))
+
+
+def curves_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per group and step: mean/std/count over seeds of accuracy, test loss and windowed training loss.
+
+    Evaluation steps give ``accuracy_*`` and ``test_loss_*``; the training loss of each run is first
+    averaged over the window ``(s − w, s]`` ending at ``s``, ``w = ⌈steps / 20⌉`` (non-finite values
+    dropped; the last window ends at ``steps``), then over seeds (``train_loss_*``). ``*_std`` is the sample standard deviation (NaN for one seed).
+    """
+    keys = ["group_id", "step"]
+    ev = metrics.loc[metrics["test_accuracy"].notna(), [*keys, "test_accuracy", "test_loss"]]
+    eg = ev.groupby(keys, sort=False)
+    evals = pd.DataFrame({
+        "accuracy_mean": eg["test_accuracy"].mean(),
+        "accuracy_std": eg["test_accuracy"].std(ddof=1),
+        "accuracy_n": eg["test_accuracy"].count(),
+        "test_loss_mean": eg["test_loss"].mean(),
+        "test_loss_std": eg["test_loss"].std(ddof=1),
+    })
+    tl = metrics.loc[metrics["step"] >= 1, ["group_id", "cell_id", "step", "train_loss", "steps"]]
+    window = loss_window(tl["steps"].to_numpy())
+    end = np.minimum(np.ceil(tl["step"].to_numpy() / window) * window, tl["steps"].to_numpy()).astype(np.int64)
+    loss = tl["train_loss"].to_numpy(dtype=float, copy=True)
+    loss[~np.isfinite(loss)] = np.nan
+    per_run = (pd.DataFrame({"group_id": tl["group_id"].to_numpy(), "cell_id": tl["cell_id"].to_numpy(),
+                             "step": end, "train_loss": loss})
+               .groupby(["group_id", "cell_id", "step"], sort=False)["train_loss"].mean().reset_index())
+    tg = per_run.groupby(keys, sort=False)["train_loss"]
+    train = pd.DataFrame({"train_loss_mean": tg.mean(), "train_loss_std": tg.std(ddof=1), "train_loss_n": tg.count()})
+    curves = evals.join(train, how="outer").reset_index()
+    info = metrics.drop_duplicates("group_id").set_index("group_id")[list(_GROUP_INFO)]
+    curves = curves.join(info, on="group_id")
+    for col in ("accuracy_n", "train_loss_n"):
+        curves[col] = curves[col].fillna(0).astype(np.int64)
+    return curves.sort_values(["dataset", "model", "privacy_rank", "pair", "batch_size", "group_id", "step"],
+                              kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------- #
+
+
+def aggregate(files: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    """Write the summary tables of ``files`` into ``out_dir`` (atomically); returns ``{key: path}``.
+
+    Keys and names: :data:`dpbr.report.layout.SUMMARY_FILES`.
+    """
+    import dpbr
+
+    metrics = load_metrics(files)
+    final = final_accuracy_table(metrics)
+    curves = curves_table(metrics)
+    paths = summary_paths(out_dir)
+    meta = {"kind": "summary", "cells": int(metrics["cell_id"].nunique()), "groups": int(len(final)),
+            "dpbr_version": dpbr.__version__}
+    write_parquet(metrics, paths["metrics"], meta)
+    write_parquet(final, paths["final"], meta)
+    with atomic_path(paths["final_csv"]) as tmp:
+        final.drop(columns=["privacy_rank"]).to_csv(tmp, index=False)
+    write_parquet(curves, paths["curves"], meta)
+    return paths

@@ -1,0 +1,44 @@
+r"""VN-ratio estimation: the condition the study's theory rests on, measured (issue 5).
+
+The variance-to-norm ratio of the vectors honest workers send (seed 001 eq. 2, REFERENCE §2),
+
+.. math:: r(b) = \frac{\sqrt{\mathbb E\|G - \mathbb E G\|^2}}{\|\mathbb E G\|}
+          = \frac{\sqrt{V(b) + d\,\sigma(b)^2}}{\|\mathbb E G^s\|},
+
+is a sufficient condition for a rule ``F`` to be (α, f)-Byzantine resilient when ``r ≤ k_F(n, f)``.
+Here ``G^s`` is the clipped mini-batch gradient of size ``b`` and ``σ(b) = (2C/b)·sqrt(2 ln(1.25/δ))/ε``
+the Gaussian privacy noise.
+
+Modules:
+
+* :mod:`dpbr.vn.stats` — the estimator from ``K`` samples (pair U-statistics over one Gram matrix)
+  and its percentile-bootstrap interval; the noise check against ``d·σ²``;
+* :mod:`dpbr.vn.measure` — clipped mini-batch gradients of a model at given parameters (batched over
+  mini-batches), the reference (full-data) gradient, one result row per :class:`dpbr.spec.VNSpec`;
+* :mod:`dpbr.vn.bounds` — ``k_F(n, f)`` of every rule with a bound, the smallest batch size meeting it
+  (interpolated, or extrapolated with ``V(b) = A/b + D/b²``), Table-1 scalings, the η-approximated
+  condition along a trajectory;
+* :mod:`dpbr.vn.command` — ``dpbr vn``: cells × checkpoints → Parquet.
+"""
+
+from dpbr.vn.bounds import eta_table, minimal_b_table, minimal_batch_size, rule_bounds, table1_batch_size
+from dpbr.vn.measure import Problem, make_problem, measure, minibatch_gradients, reference_gradient
+from dpbr.vn.stats import RatioEstimate, estimate_ratio, gram64, noise_check, pair_statistics
+
+__all__ = [
+    "Problem",
+    "RatioEstimate",
+    "estimate_ratio",
+    "eta_table",
+    "gram64",
+    "make_problem",
+    "measure",
+    "minibatch_gradients",
+    "minimal_b_table",
+    "minimal_batch_size",
+    "noise_check",
+    "pair_statistics",
+    "reference_gradient",
+    "rule_bounds",
+    "table1_batch_size",
+]

@@ -1,0 +1,397 @@
+"""The Snakemake workflow: grids → cells, configuration errors, dry-run job counts, a tiny real run
+and which jobs a change reruns.
+
+Fast by default: Snakemake runs in this process through its API (the Snakefile's imports — torch,
+dpbr — are paid once per session). The tiny end-to-end run trains 2 cells of the logistic model on
+generated data with 2 cores; executed reruns, interruption, --keep-going, the report and the CLI are
+in ``test_workflow_runs.py`` (marked slow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import pytest
+import yaml
+
+from dpbr.errors import UsageError
+from dpbr.report import grid
+from dpbr.report.layout import figure_group, figure_paths, summary_paths
+from dpbr.spec import RunSpec
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "Snakefile"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+LITTLE = "little(factor=1.5,negative=true)"
+SYNTH = "synthetic(d=68,classes=2,n=300,n_test=100)"
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Helpers (also used by test_workflow_runs.py)
+
+
+def write_config(path: Path, config: Mapping[str, Any]) -> Path:
+    """Write ``config`` as YAML to ``path`` and return the path."""
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    return path
+
+
+def tiny_config(**train_overrides: Any) -> dict[str, Any]:
+    """Two cells of the logistic model on generated data (one per sub-grid), 10 steps each."""
+    train: dict[str, Any] = {
+        "defaults": {"dataset": SYNTH, "model": "logit", "steps": 10, "eval_every": 5, "seed": 1},
+        "grid": [
+            {"gar": "average", "attack": "none", "batch_size": [10]},
+            {"gar": "mda", "attack": LITTLE, "batch_size": [10]},
+        ],
+    }
+    train.update(train_overrides)
+    return {"device": "cpu", "plots": {"formats": ["html", "png"]}, "train": train}
+
+
+def snakemake_api(workdir: Path, configfiles: Sequence[Path], *, dryrun: bool, cores: int = 2,
+                  config: Mapping[str, Any] | None = None, keep_going: bool = False) -> dict[str, int]:
+    """Run (or dry-run) the workflow in this process; returns the job counts per rule (and ``total``).
+
+    After a real run the counts are the jobs that ran; after a dry run, the jobs that would run.
+    """
+    from snakemake.api import SnakemakeApi
+    from snakemake.scheduling.greedy import SchedulerSettings as GreedySettings
+    from snakemake.settings.types import (ConfigSettings, ExecutionSettings, OutputSettings, Quietness,
+                                          ResourceSettings, SchedulingSettings)
+
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf = api.workflow(
+            resource_settings=ResourceSettings(cores=cores),
+            config_settings=ConfigSettings(configfiles=[Path(c).resolve() for c in configfiles],
+                                           config=dict(config or {})),
+            snakefile=SNAKEFILE,
+            workdir=Path(workdir),
+        )
+        dag = wf.dag()
+        dag.execute_workflow(executor="local", pseudo_executor="dryrun" if dryrun else None,
+                             execution_settings=ExecutionSettings(keep_going=keep_going),
+                             scheduling_settings=SchedulingSettings(scheduler="greedy"),
+                             scheduler_settings=GreedySettings())
+        return {str(k): int(v) for k, v in wf._workflow.dag.stats()[1].items()}
+
+
+def cells_of(config: Mapping[str, Any]) -> dict[str, RunSpec]:
+    return grid.expand(config.get("train"), RunSpec, "train")  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Grid expansion
+
+
+def test_bundles_and_fields_give_the_cartesian_product():
+    section = {
+        "defaults": {"dataset": SYNTH, "model": "logit", "steps": 7},
+        "grid": [{
+            "pair": [{"gar": "average", "attack": "none"}, {"gar": "mda", "attack": LITTLE}],
+            "privacy": [{"epsilon": "none"}, {"epsilon": 0.2}, {"sparsify": 0.25}],
+            "batch_size": [10, 50],
+        }],
+    }
+    cells = grid.expand(section, RunSpec, "train")
+    assert len(cells) == 2 * 3 * 2
+    specs = list(cells.values())
+    assert {(s.gar, s.attack) for s in specs} == {("average", "none"), ("mda", LITTLE)}
+    # average is never combined with an attack; epsilon and sparsify never together
+    assert all(s.byzantine_real == 0 for s in specs if s.gar == "average")
+    assert all(s.byzantine_real == 5 for s in specs if s.gar == "mda")
+    assert not any(s.epsilon is not None and s.sparsify is not None for s in specs)
+    assert {s.steps for s in specs} == {7}
+    # order: first dimension varies slowest
+    assert [s.batch_size for s in specs[:2]] == [10, 50]
+    assert specs[0].gar == "average" and specs[-1].gar == "mda"
+    # ids are the spec's own
+    assert all(cid == s.cell_id() for cid, s in cells.items())
+
+
+def test_sub_grids_union_and_duplicates_collapse():
+    section = {
+        "defaults": {"dataset": SYNTH, "model": "logit"},
+        "grid": [
+            {"gar": "average", "attack": "none", "batch_size": [10, 20], "lr": [2]},
+            # the same two cells spelled differently (lr 2.0, one value without a list) + one new
+            {"gar": ["average"], "attack": ["none"], "batch_size": [20, 10, 30], "lr": 2.0},
+        ],
+    }
+    cells = grid.expand(section, RunSpec, "train")
+    assert [s.batch_size for s in cells.values()] == [10, 20, 30]
+
+
+def test_grid_values_override_defaults_and_defaults_fill_in():
+    section = {"defaults": {"dataset": SYNTH, "model": "logit", "batch_size": 99, "seed": 4},
+               "grid": [{"batch_size": [5]}]}
+    (spec,) = grid.expand(section, RunSpec, "train").values()
+    assert (spec.batch_size, spec.seed) == (5, 4)
+    assert spec == RunSpec.create(dataset=SYNTH, model="logit", batch_size=5, seed=4)
+
+
+def test_no_grid_means_no_cells():
+    assert grid.expand(None, RunSpec, "train") == {}
+    assert grid.expand({"defaults": {"steps": 3}}, RunSpec, "train") == {}
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "allowed"),
+    [
+        ({"grid": [{"batch_size": [10, "ten"]}]}, "train.grid[0].batch_size[1]", "'ten'", "expected an integer"),
+        ({"grid": [{"pair": [{"gar": "average", "attack": "none"}, {"gar": "krumm", "attack": "none"}]}]},
+         "train.grid[0].pair[1].gar", "'krumm'", "allowed: "),
+        ({"defaults": {"epsilon": 1.5}, "grid": [{"seed": [1]}]}, "train.defaults.epsilon", "1.5", "< 1"),
+        ({"grid": [{"privacy": [{"epsilon": 0.2}, {"sparsify": "lots"}]}]}, "train.grid[0].privacy[1].sparsify",
+         "'lots'", "expected a number"),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(section, key, value, allowed):
+    with pytest.raises(UsageError) as info:
+        grid.expand(section, RunSpec, "train")
+    msg = info.value.one_line()
+    assert msg.startswith(key + ":"), msg
+    assert value in msg and allowed in msg, msg
+    assert "\n" not in str(info.value)
+
+
+def test_cross_field_error_names_the_offending_key():
+    # MDA needs n > 2f: f = 6 of 11 is refused, and the message points at the key that set f.
+    section = {"defaults": {"byzantine": 6}, "grid": [{"gar": ["mda"], "attack": ["empire"]}]}
+    with pytest.raises(UsageError) as info:
+        grid.expand(section, RunSpec, "train")
+    assert info.value.option == "train.defaults.byzantine"
+    assert "6" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ({"defaults": {"bach_size": 10}}, "train.defaults.bach_size: unknown parameter; allowed: dataset, model"),
+        ({"grid": [{"pair": [{"gar": "mda", "atack": "empire"}]}]}, "train.grid[0].pair[0].atack: unknown parameter"),
+        ({"grid": [{"pair": ["mda"]}]}, "train.grid[0].pair[0]: 'pair' is not a parameter, so it must be a bundle"),
+        ({"grid": [{"epsilon": [0.2], "privacy": [{"epsilon": 0.1}]}]},
+         "train.grid[0]: 'epsilon' is set by both 'epsilon' and 'privacy'"),
+        ({"grid": [{"batch_size": []}]}, "train.grid[0].batch_size: lists no value"),
+        ({"grid": {"batch_size": [1]}}, "train.grid: must be a list of sub-grids"),
+    ],
+)
+def test_structural_errors(section, fragment):
+    with pytest.raises(UsageError) as info:
+        grid.expand(section, RunSpec, "train")
+    assert fragment in info.value.one_line()
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Schema
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def test_schema_lists_exactly_the_runspec_fields():
+    fields = [f.name for f in dataclasses.fields(RunSpec)]
+    defs = _schema()["$defs"]
+    assert list(defs["run_values"]["properties"]) == fields
+    assert list(defs["run_subgrid"]["properties"]) == fields
+
+
+def _validate(config: dict[str, Any]) -> dict[str, Any]:
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(SCHEMA))
+    except WorkflowError as exc:
+        raise AssertionError(grid.schema_error_message(exc.__context__)) from None
+    return config
+
+
+def test_schema_fills_defaults():
+    config = _validate({"train": {"grid": [{"batch_size": [10]}]}})
+    assert config["results"] == "results" and config["data"] == {"dir": "data", "sources": {}}
+    assert config["resources"]["train"] == {"threads": 1, "mem_mb": 3000, "runtime": 60, "gpu": 0}
+    assert config["plots"]["formats"] == ["html", "png", "svg"]
+    assert config["code_version"] is None and config["device"] == "auto"
+    assert config["train"]["defaults"] == {}
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"trian": {}}, "trian: unknown key; allowed: code_version, data, device, plots, resources, results, train"),
+        ({"resources": {"train": {"threads": "two"}}}, "resources.train.threads: 'two' is not allowed"),
+        ({"train": {"defaults": {"batch_size": "ten"}}}, "train.defaults.batch_size: 'ten' is not allowed"),
+        ({"train": {"grid": [{"batch_size": ["ten"]}]}}, "train.grid[0].batch_size"),
+        ({"device": "gpu"}, "device: 'gpu' is not allowed"),
+        ({"plots": {"formats": ["pdf"]}}, "plots.formats[0]: 'pdf' is not allowed"),
+        ({"train": {"grid": [{"pair": [{"gar": "mda", "atack": "x"}]}]}}, "atack"),
+    ],
+)
+def test_schema_errors_name_the_key(config, fragment):
+    with pytest.raises(AssertionError) as info:
+        _validate(config)
+    msg = str(info.value)
+    assert fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_yaml_exponent_without_dot_is_accepted_as_a_number():
+    # YAML 1.1 reads 1e-6 as a string; the schema accepts numeric strings and dpbr parses them.
+    config = _validate(yaml.safe_load("train: {defaults: {delta: 1e-6}, grid: [{seed: [1]}]}"))
+    assert config["train"]["defaults"]["delta"] == "1e-6"
+    (spec,) = cells_of(config).values()
+    assert spec.delta == 1e-6
+
+
+# ----------------------------------------------------------------------------------------------- #
+# The shipped configurations
+
+
+def test_default_config_is_the_issue_grid():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cells = list(cells_of(config).values())
+    assert len(cells) == 18
+    assert {(s.dataset, s.model, s.workers, s.byzantine) for s in cells} == {("mnist", "cnn", 11, 5)}
+    assert {(s.gar, s.attack) for s in cells} == {("average", "none"), ("mda", LITTLE), ("mda", "empire(factor=1.1)")}
+    assert {(s.epsilon, s.sparsify) for s in cells} == {(None, None), (0.2, None), (None, 0.25)}
+    assert len({s.batch_size for s in cells}) >= 2
+
+
+def test_paper_config_is_the_study():
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    cells = list(cells_of(config).values())
+    assert len(cells) == 2 * 3 * 5 * 6 * 5
+    assert {(s.model, s.dataset) for s in cells} == {("logit", "phishing"), ("cnn", "mnist")}
+    assert {s.batch_size for s in cells} == {10, 25, 50, 100, 250, 500}
+    assert {s.epsilon for s in cells} == {None, 0.1, 0.2, 0.5}
+    assert {s.seed for s in cells} == {1, 2, 3, 4, 5}
+    assert {(s.steps, s.eval_every, s.lr, s.momentum, s.clip, s.delta) for s in cells} == {(1000, 50, 2.0, 0.99, 0.01, 1e-6)}
+    assert not any(s.epsilon is not None and s.sparsify is not None for s in cells)
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Dry runs (Snakemake API, in process)
+
+
+def test_dry_run_counts_default_config(tmp_path):
+    counts = snakemake_api(tmp_path, [REPO / "config" / "config.yaml"], dryrun=True)
+    # a fresh folder: MNIST is prepared once, before the 18 cells
+    assert counts == {"data": 1, "train": 18, "aggregate": 1, "plot": 1, "all": 1, "total": 22}
+
+
+def test_dry_run_counts_paper_config(tmp_path):
+    counts = snakemake_api(tmp_path, [REPO / "config" / "paper.yaml"], dryrun=True)
+    assert counts == {"data": 2, "train": 900, "aggregate": 1, "plot": 2, "all": 1, "total": 906}
+
+
+def test_dry_run_counts_test_config(tmp_path):
+    counts = snakemake_api(tmp_path, [REPO / "config" / "test.yaml"], dryrun=True)
+    assert counts == {"train": 4, "aggregate": 1, "plot": 1, "all": 1, "total": 7}
+
+
+def test_without_configfile_the_default_config_is_used(tmp_path):
+    counts = snakemake_api(tmp_path, [], dryrun=True)
+    assert counts["train"] == 18
+
+
+def test_local_copy_of_a_dataset_is_an_input_of_the_data_job(tmp_path):
+    cfg = {"data": {"sources": {"phishing": str(tmp_path / "missing.libsvm")}},
+           "train": {"defaults": {"model": "logit", "dataset": "phishing", "steps": 1}, "grid": [{"seed": [1]}]}}
+    from snakemake.exceptions import MissingInputException
+
+    with pytest.raises(MissingInputException, match="missing.libsvm"):
+        snakemake_api(tmp_path, [write_config(tmp_path / "c.yaml", cfg)], dryrun=True)
+
+
+@pytest.mark.parametrize(
+    ("train", "fragment"),
+    [
+        ({"grid": [{"gar": ["krumm"]}]}, "config error: train.grid[0].gar[0]: 'krumm' is not allowed: "),
+        ({"defaults": {"batch_size": "ten"}}, "config error: train.defaults.batch_size: 'ten' is not allowed"),
+    ],
+)
+def test_config_errors_stop_the_workflow_before_any_job(tmp_path, train, fragment):
+    from snakemake.exceptions import WorkflowError
+
+    cfg = write_config(tmp_path / "bad.yaml", {"train": train})
+    with pytest.raises(WorkflowError) as info:
+        snakemake_api(tmp_path, [cfg], dryrun=True)
+    assert fragment in str(info.value)
+    assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------------------------- #
+# A tiny real run (2 cells, --cores 2) and what a change would rerun
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = write_config(workdir / "tiny.yaml", tiny_config())
+    counts = snakemake_api(workdir, [config], dryrun=False, cores=2)
+    return workdir, config, counts
+
+
+def test_tiny_run_produces_cells_summaries_and_figures(tiny_run):
+    workdir, config, counts = tiny_run
+    assert counts == {"train": 2, "aggregate": 1, "plot": 1, "all": 1, "total": 5}
+    cells = cells_of(yaml.safe_load(config.read_text()))
+    for spec in cells.values():
+        frame = pd.read_parquet(workdir / spec.path("results"))
+        assert list(frame["step"]) == list(range(11)) and (frame["cell_id"] == spec.cell_id()).all()
+        assert (workdir / "logs" / "train" / f"{spec.cell_id()}.log").read_text().strip().endswith(".parquet")
+    summary = summary_paths(workdir / "results" / "summary")
+    metrics = pd.read_parquet(summary["metrics"])
+    assert len(metrics) == 2 * 11 and set(metrics["cell_id"]) == set(cells)
+    final = pd.read_csv(summary["final_csv"])
+    assert sorted(final["pair"]) == ["average/none", f"mda/{LITTLE}"]
+    assert (final["runs"] == 1).all() and final["accuracy_mean"].between(0, 1).all()
+    group = figure_group(SYNTH.replace("d=68,classes=2", "classes=2,d=68"), "logit")
+    for path in figure_paths(workdir / "results" / "figures", group, ["html", "png"]):
+        data = path.read_bytes()
+        assert len(data) > 1000, path
+        if path.suffix == ".png":
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert b"<script src=\"http" not in data and b"cdn.jsdelivr" not in data
+
+
+def test_unchanged_config_runs_nothing(tiny_run):
+    workdir, config, _ = tiny_run
+    assert snakemake_api(workdir, [config], dryrun=True).get("total", 0) == 0
+
+
+def test_adding_a_grid_value_runs_only_the_new_cell(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    cfg = tiny_config()
+    cfg["train"]["grid"][1]["batch_size"] = [10, 20]
+    counts = snakemake_api(workdir, [write_config(tmp_path / "more.yaml", cfg)], dryrun=True)
+    assert counts == {"train": 1, "aggregate": 1, "plot": 1, "all": 1, "total": 4}
+
+
+def test_changing_one_cells_parameter_reruns_only_that_cell(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    cfg = tiny_config()
+    cfg["train"]["grid"][1]["attack"] = "little(factor=2,negative=true)"
+    counts = snakemake_api(workdir, [write_config(tmp_path / "changed.yaml", cfg)], dryrun=True)
+    assert counts["train"] == 1
+
+
+def test_new_code_version_reruns_every_cell_and_device_reruns_none(tiny_run, tmp_path):
+    workdir, config, _ = tiny_run
+    assert snakemake_api(workdir, [config], dryrun=True, config={"code_version": "fix-1"})["train"] == 2
+    assert snakemake_api(workdir, [config], dryrun=True, config={"device": "auto"}).get("total", 0) == 0
+
+
+def test_summary_std_is_over_seeds(tiny_run):
+    workdir, _, _ = tiny_run
+    final = pd.read_parquet(summary_paths(workdir / "results" / "summary")["final"])
+    assert final["accuracy_std"].isna().all()  # one seed: undefined, not 0
+    assert all(math.isfinite(v) for v in final["accuracy_mean"])

@@ -1,0 +1,209 @@
+# Shared by every rule file: the configuration's grids → cells → paths.
+#
+# Cells come from `dpbr.report.grid.expand` (defaults + a list of sub-grids, each cell built and
+# validated with its spec's `create`), and every path from the spec itself (`spec.path(root)`, the
+# function `dpbr train` uses), so the workflow and the command line cannot disagree on names.
+# A new section (vn:, reconstruct:) needs: its spec class in SECTION_SPECS, `section_cells(...)`,
+# a rule whose output is `cell_pattern(Spec)`, its targets in `all_targets()`, and its schema.
+
+import functools
+import os
+import shlex
+import sys
+
+import dpbr
+from dpbr import data as dpbr_data
+from dpbr.errors import UsageError
+from dpbr.registry import parse as parse_spec_string
+from dpbr.report import grid as dpbr_grid
+from dpbr.report import layout
+from dpbr.spec import RunSpec
+from snakemake.exceptions import WorkflowError
+
+
+# --- settings (validated, defaults filled in by the schema) -------------------------------------
+
+#: The interpreter running Snakemake (the venv's): jobs call `python -m dpbr`, no activation needed.
+PYTHON = shlex.quote(sys.executable)
+RESULTS = config["results"]
+SUMMARY_DIR = os.path.join(RESULTS, "summary")
+FIGURES_DIR = os.path.join(RESULTS, "figures")
+LOGS = "logs"
+DATA_DIR = config["data"]["dir"]
+DATA_DIR_Q = shlex.quote(DATA_DIR)
+#: Execution setting, not part of a cell: used in the shell command only (changing it reruns nothing).
+DEVICE = shlex.quote(config["device"])
+#: Recorded with every cell through `params:` — a new value reruns every cell (code changes, see the notes).
+CODE_VERSION = str(config["code_version"] or dpbr.__version__)
+TRAIN_RESOURCES = config["resources"]["train"]
+PLOT_FORMATS = list(config["plots"]["formats"])
+
+wildcard_constraints:
+    dataset=r"[^/]+",
+    group=r"[^/]+",
+
+
+# --- grid → cells ------------------------------------------------------------------------------
+
+#: Spec class of each configuration section that names cells.
+SECTION_SPECS = {"train": RunSpec}
+
+
+def section_cells(section, spec_cls=None):
+    """``{cell id: spec}`` of one configuration section (defaults + sub-grids); a bad value stops
+    the workflow with one line naming the key, the value and what is allowed."""
+    spec_cls = spec_cls or SECTION_SPECS[section]
+    try:
+        return dpbr_grid.expand(config.get(section), spec_cls, section)
+    except UsageError as exc:
+        raise WorkflowError(f"config error: {exc.one_line()}") from None
+
+
+def _wildcard_form(spec_cls, render):
+    """``render(stand_in)`` for a stand-in spec whose every field is the wildcard ``{field}``.
+
+    The stand-in's fields are alphanumeric sentinels (left alone by the spec's path-token
+    formatting), replaced by ``{field}`` afterwards: the pattern is produced by the spec's own
+    ``cell_id``/``path`` code, not rebuilt here.
+    """
+    names = dpbr_grid.spec_fields(spec_cls)
+    sentinels = {name: f"QQwildcard{i}QQ" for i, name in enumerate(names)}
+
+    class _StandIn:
+        kind = spec_cls.kind
+        layout = spec_cls.layout
+
+        def cell_id(self):
+            return spec_cls.cell_id(self)
+
+    stand_in = _StandIn()
+    for name, sentinel in sentinels.items():
+        setattr(stand_in, name, sentinel)
+    text = str(render(stand_in))
+    for name, sentinel in sentinels.items():
+        text = text.replace(sentinel, "{" + name + "}")
+    return text
+
+
+@functools.cache
+def cell_id_pattern(spec_cls):
+    """The cell id with one wildcard per field: ``dataset={dataset},model={model}/gar={gar},...``.
+
+    One wildcard per field, not one for the whole id: a cell id contains commas and is longer than a
+    file name may be, and cluster executors pass wildcards as ``key=value,...`` (Snakemake 9.27 splits
+    that at every comma) and the SLURM plugin names a log folder after the joined wildcards.
+    Field tokens contain neither ``,`` nor ``/`` (``dpbr.spec.path_token``).
+    """
+    return _wildcard_form(spec_cls, lambda s: s.cell_id())
+
+
+def cell_pattern(spec_cls, root=RESULTS):
+    """Output pattern of a section's cells: ``spec.path(root)`` with one wildcard per field."""
+    return _wildcard_form(spec_cls, lambda s: spec_cls.path(s, root))
+
+
+@functools.cache
+def spec_field_names(spec_cls):
+    """The fields of a spec class (the wildcards of its cell pattern), as a tuple."""
+    return tuple(dpbr_grid.spec_fields(spec_cls))
+
+
+def field_constraints(spec_cls):
+    """Wildcard constraints of a cell pattern: a field token never contains ``,`` or ``/``."""
+    return {name: r"[^,/]+" for name in spec_field_names(spec_cls)}
+
+
+def cell_targets(cells, root=RESULTS):
+    """The output files of a section's cells (``spec.path(root)``), in configuration order."""
+    return [str(spec.path(root)) for spec in cells.values()]
+
+
+def lookup(cells, section, spec_cls, wildcards):
+    """The spec of the cell named by a job's wildcards; a file that is not a configured cell is an
+    error, not a guess."""
+    cell = cell_id_pattern(spec_cls).format(**{k: getattr(wildcards, k) for k in spec_field_names(spec_cls)})
+    try:
+        return cells[cell]
+    except KeyError:
+        raise WorkflowError(
+            f"{section} cell {cell!r} is not in the configured grid (every cell's path comes from its "
+            "spec; add it to the config to run it)"
+        ) from None
+
+
+TRAIN = section_cells("train")
+TRAIN_FILES = cell_targets(TRAIN)
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+
+def is_generated(dataset):
+    """Whether a dataset is generated in memory (``synthetic(...)``): no data job, no cache file."""
+    return parse_spec_string(dataset, option="--dataset")[0][0] == "synthetic"
+
+
+def _cache_stem(dataset):
+    npz, _ = dpbr_data.cache_paths(dataset, DATA_DIR)
+    return npz.name[: -len(".npz")]
+
+
+def _datasets():
+    """``{cache stem: dataset name}`` of every stored dataset the cells use."""
+    names = {spec.dataset for spec in TRAIN.values() if not is_generated(spec.dataset)}
+    return {_cache_stem(name): name for name in sorted(names)}
+
+
+def _sources():
+    """``{canonical dataset name: local file}`` from ``data.sources``."""
+    out = {}
+    for name, path in config["data"]["sources"].items():
+        try:
+            canonical = dpbr_data.canonical_name(str(name))
+        except UsageError as exc:
+            raise WorkflowError(f"config error: data.sources.{name}: {exc.message}") from None
+        if is_generated(canonical):
+            raise WorkflowError(f"config error: data.sources.{name}: synthetic data is generated, not imported")
+        out[canonical] = path
+    return out
+
+
+DATASETS = _datasets()
+DATA_SOURCES = _sources()
+
+
+@functools.cache
+def dataset_files(dataset):
+    """``[npz, manifest]`` cache files of a stored dataset (``dpbr.data.cache_paths``); [] if generated."""
+    if is_generated(dataset):
+        return ()
+    return tuple(str(p) for p in dpbr_data.cache_paths(dataset, DATA_DIR))
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+#: ``{group: (dataset, model)}``: one set of figures per (dataset, model) of the training cells.
+FIGURE_GROUPS = {layout.figure_group(s.dataset, s.model): (s.dataset, s.model) for s in TRAIN.values()}
+
+
+def figure_files(group):
+    """Every figure file of one group (``dpbr.report.layout.figure_paths``)."""
+    return [str(p) for p in layout.figure_paths(FIGURES_DIR, group, PLOT_FORMATS)]
+
+
+def summary_files():
+    """``{key: path}`` of the tables written by ``dpbr aggregate``."""
+    return {k: str(p) for k, p in layout.summary_paths(SUMMARY_DIR).items()}
+
+
+# --- targets -----------------------------------------------------------------------------------
+
+
+def all_targets():
+    """Every cell, and — when there are training cells — the summaries and every figure."""
+    targets = list(TRAIN_FILES)
+    if TRAIN:
+        targets += list(summary_files().values())
+        for group in FIGURE_GROUPS:
+            targets += figure_files(group)
+    return targets

@@ -1,0 +1,40 @@
+# Training cells: one `dpbr train` job per cell of the `train:` grid.
+
+
+def train_data(wildcards):
+    """The dataset cache a cell reads, as an `ancient` input: the job waits for the data job, but a
+    re-fetched cache (same verified content, newer time stamp) does not rerun finished cells."""
+    spec = lookup(TRAIN, "train", RunSpec, wildcards)
+    return [ancient(f) for f in dataset_files(spec.dataset)]
+
+
+rule train:
+    """One simulated parameter-server run (REFERENCE §1-2) → `<results>/train/<cell id>.parquet`.
+
+    Every value of the cell reaches the job through `params.args` (the spec's own command-line
+    form), and the package/code version through `params.code_version`, so Snakemake's params
+    trigger reruns exactly the cells whose values changed (a changed value also changes the cell's
+    path: it is a new cell). Data folder, device and threads are execution settings, not part of
+    the cell. The output is written atomically by dpbr (never half a file); the log is
+    `logs/train/<cell id>.log`. The rule is named `train` because the slurm-gpu profile gives GPUs
+    to rules of that name.
+    """
+    input:
+        data=train_data,
+    output:
+        cell_pattern(RunSpec),
+    wildcard_constraints:
+        **field_constraints(RunSpec),
+    params:
+        args=lambda wc: lookup(TRAIN, "train", RunSpec, wc).cli_args(),
+        code_version=CODE_VERSION,
+    log:
+        os.path.join(LOGS, "train", cell_id_pattern(RunSpec) + ".log"),
+    threads: TRAIN_RESOURCES["threads"]
+    resources:
+        mem_mb=TRAIN_RESOURCES["mem_mb"],
+        runtime=TRAIN_RESOURCES["runtime"],
+        gpu=TRAIN_RESOURCES["gpu"],
+    shell:
+        "{PYTHON} -m dpbr train {params.args:q} --out {output:q} --data-dir {DATA_DIR_Q}"
+        " --device {DEVICE} --threads {threads} > {log:q} 2>&1"
