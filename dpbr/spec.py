@@ -205,6 +205,57 @@ def _choice(value: Any, name: str, allowed: list[str]) -> str:
     return text
 
 
+def _option_reader(cls: type, options: Mapping[str, Any], *, none_is_default: bool = False):
+    """``given(name, default)`` over ``options`` after refusing names that are not fields of ``cls``.
+
+    With ``none_is_default`` a value of None counts as not given.
+    """
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
+    present = {k: v for k, v in options.items() if not (none_is_default and v is None)}
+
+    def given(name: str, default: Any) -> Any:
+        return present.get(name, default)
+
+    return given
+
+
+def _model_name(text: Any, allowed: list[str] | tuple[str, ...], context: str = "") -> str:
+    """Canonical model spec string, its base name checked against ``allowed``."""
+    model = str(text).strip()
+    if _base(model, "--model") not in allowed:
+        raise UsageError("--model", f"unknown model {model!r}{context}; allowed: {', '.join(allowed)}")
+    return canonical(model, option="--model")
+
+
+def _privacy_fields(given, default_clip: float | None, delta_default: float, clip_mode_default: str) -> dict[str, Any]:
+    """Validated ``epsilon, delta, clip, clip_mode, sparsify`` (REFERENCE §2).
+
+    ε and δ in (0, 1) (ε ``none`` = no noise); C > 0 and finite (``none`` = no clipping), required with
+    ε because it sets the sensitivity 2C/b; sparsification fraction in [0, 1), 0 meaning none.
+    """
+    epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
+    if epsilon is not None:
+        epsilon = _float(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=True)
+    delta = _float(given("delta", delta_default), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
+    clip = parse_optional_float(given("clip", default_clip), "--clip")
+    if clip is not None:
+        clip = _float(clip, "clip", low=0.0, low_open=True)
+        if math.isinf(clip):
+            raise UsageError("--clip", "must be finite (use 'none' for no clipping)")
+    if epsilon is not None and clip is None:
+        raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
+    clip_mode = _choice(given("clip_mode", clip_mode_default), "clip_mode", list(RunSpec.CLIP_MODES))
+    sparsify = parse_optional_float(given("sparsify", None), "--sparsify")
+    if sparsify is not None:
+        sparsify = _float(sparsify, "sparsify", low=0.0, high=1.0, high_open=True)
+        if sparsify == 0.0:
+            sparsify = None
+    return {"epsilon": epsilon, "delta": delta, "clip": clip, "clip_mode": clip_mode, "sparsify": sparsify}
+
+
 # ----------------------------------------------------------------------------------------------- #
 
 
@@ -267,23 +318,11 @@ class RunSpec(CellSpec):
         from dpbr.privacy import mechanisms
         from dpbr.robust import aggregators, attacks
 
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
-        o = {f.name: options.get(f.name, _MISSING) for f in fields(cls)}
-
-        dataset = data.canonical_name(str(o["dataset"] if o["dataset"] is not _MISSING else cls.dataset).strip())
-        model = str(o["model"] if o["model"] is not _MISSING else cls.model).strip()
-        model_names = models.names()
-        if _base(model, "--model") not in model_names:
-            raise UsageError("--model", f"unknown model {model!r}; allowed: {', '.join(model_names)}")
-        model = canonical(model, option="--model")
+        given = _option_reader(cls, options)
+        dataset = data.canonical_name(str(given("dataset", cls.dataset)).strip())
+        model = _model_name(given("model", cls.model), models.names())
         _check_model_dataset(model, dataset)
         hp = models.default_hparams(model)
-
-        def given(name: str, default: Any) -> Any:
-            return default if o[name] is _MISSING else o[name]
 
         workers = _int(given("workers", cls.workers), "workers", low=1)
         byzantine = _int(given("byzantine", cls.byzantine), "byzantine", low=0, high=max(workers - 1, 0))
@@ -304,19 +343,7 @@ class RunSpec(CellSpec):
         except ValueError as exc:
             raise UsageError("--byzantine", str(exc)) from None
 
-        epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
-        delta = _float(given("delta", cls.delta), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
-        if epsilon is not None:
-            epsilon = _float(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=True)
-        clip = parse_optional_float(given("clip", hp.get("clip", cls.clip)), "--clip")
-        if clip is not None:
-            clip = _float(clip, "clip", low=0.0, low_open=True)
-        if epsilon is not None and clip is None:
-            raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
-        clip_mode = _choice(given("clip_mode", cls.clip_mode), "clip_mode", list(cls.CLIP_MODES))
-        sparsify = parse_optional_float(given("sparsify", None), "--sparsify")
-        if sparsify is not None:
-            sparsify = _float(sparsify, "sparsify", low=0.0, high=1.0, high_open=True)
+        privacy = _privacy_fields(given, hp.get("clip", cls.clip), cls.delta, cls.clip_mode)
         quantize_raw = given("quantize", None)
         quantize = None
         if quantize_raw is not None and str(quantize_raw).strip().lower() not in ("none", "null", ""):
@@ -339,8 +366,7 @@ class RunSpec(CellSpec):
         seed = _int(given("seed", cls.seed), "seed", low=0)
 
         return cls(
-            dataset=dataset, model=model, gar=rule.name, attack=attack, epsilon=epsilon, delta=delta,
-            clip=clip, clip_mode=clip_mode, sparsify=sparsify, quantize=quantize, batch_size=batch_size,
+            dataset=dataset, model=model, gar=rule.name, attack=attack, **privacy, quantize=quantize, batch_size=batch_size,
             workers=workers, byzantine=byzantine, byzantine_real=byzantine_real, steps=steps, lr=lr,
             momentum=momentum, eval_every=eval_every, partition=partition, worker_momentum=worker_momentum,
             seed=seed,
@@ -393,14 +419,6 @@ def _check_model_dataset(model: str, dataset: str) -> None:
         models.check_input(model, info.input_shape, info.num_classes)
     except ValueError as exc:
         raise UsageError("--model", str(exc)) from None
-
-
-class _Missing:
-    def __repr__(self) -> str:  # pragma: no cover
-        return "<missing>"
-
-
-_MISSING: Any = _Missing()
 
 
 def mechanisms_quantize_term(text: str) -> str:
@@ -511,22 +529,9 @@ class VNSpec(CellSpec):
         """
         from dpbr import data, models
 
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
-        o = {f.name: options.get(f.name, _MISSING) for f in fields(cls)}
-
-        def given(name: str, default: Any) -> Any:
-            return default if o[name] is _MISSING else o[name]
-
-        dataset = str(given("dataset", cls.dataset)).strip()
-        if _base(dataset, "--dataset") not in data.names():
-            raise UsageError("--dataset", f"unknown dataset {dataset!r}; allowed: {', '.join(data.names())}")
-        model = str(given("model", cls.model)).strip()
-        if _base(model, "--model") not in models.names():
-            raise UsageError("--model", f"unknown model {model!r}; allowed: {', '.join(models.names())}")
-        model = canonical(model, option="--model")
+        given = _option_reader(cls, options)
+        dataset = data.canonical_name(str(given("dataset", cls.dataset)).strip())
+        model = _model_name(given("model", cls.model), models.names())
         _check_model_dataset(model, dataset)
         hp = models.default_hparams(model)
 
@@ -537,23 +542,7 @@ class VNSpec(CellSpec):
         if run == "init" and step != 0:
             raise UsageError("--step", f"must be 0 for the initial parameters (run 'init'), got {step}")
 
-        epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
-        if epsilon is not None:
-            epsilon = _float(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=True)
-        delta = _float(given("delta", cls.delta), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
-        clip = parse_optional_float(given("clip", hp.get("clip", cls.clip)), "--clip")
-        if clip is not None:
-            clip = _float(clip, "clip", low=0.0, low_open=True)
-            if math.isinf(clip):
-                raise UsageError("--clip", "must be finite (use 'none' for no clipping)")
-        if epsilon is not None and clip is None:
-            raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
-        clip_mode = _choice(given("clip_mode", cls.clip_mode), "clip_mode", list(RunSpec.CLIP_MODES))
-        sparsify = parse_optional_float(given("sparsify", None), "--sparsify")
-        if sparsify is not None:
-            sparsify = _float(sparsify, "sparsify", low=0.0, high=1.0, high_open=True)
-            if sparsify == 0.0:
-                sparsify = None
+        privacy = _privacy_fields(given, hp.get("clip", cls.clip), cls.delta, cls.clip_mode)
 
         batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
         workers = _int(given("workers", cls.workers), "workers", low=1)
@@ -566,8 +555,7 @@ class VNSpec(CellSpec):
         confidence = _float(given("confidence", cls.confidence), "confidence", low=0.0, high=1.0,
                             low_open=True, high_open=True)
         seed = _int(given("seed", cls.seed), "seed", low=0)
-        return cls(dataset=dataset, model=model, run=run, step=step, epsilon=epsilon, delta=delta, clip=clip,
-                   clip_mode=clip_mode, sparsify=sparsify, batch_size=batch_size, workers=workers,
+        return cls(dataset=dataset, model=model, run=run, step=step, **privacy, batch_size=batch_size, workers=workers,
                    byzantine=byzantine, samples=samples, reference=reference, bootstrap=bootstrap,
                    confidence=confidence, seed=seed)
 
@@ -683,15 +671,7 @@ class ReconSpec(CellSpec):
         from dpbr import data
         from dpbr.privacy import mechanisms
 
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise UsageError(option_name(unknown[0]), f"unknown option; allowed: {', '.join(sorted(names))}")
-        o = {k: v for k, v in options.items() if v is not None or k == "defence"}
-
-        def given(name: str, default: Any) -> Any:
-            return o.get(name, default)
-
+        given = _option_reader(cls, options, none_is_default=True)
         attack = _choice(given("attack", cls.attack), "attack", list(cls.ATTACKS))
         defaults = cls.DEFAULTS[attack]
         labels = _choice(given("labels", cls.LABELS[attack][0]), "labels", list(cls.LABELS[attack]))
@@ -702,10 +682,7 @@ class ReconSpec(CellSpec):
         if info.kind != "image":
             raise UsageError("--dataset", f"{dataset!r} is not an image dataset; allowed: mnist, fashion-mnist, cifar10, "
                                           "cifar100, synthetic (images)")
-        model = str(given("model", cls.model)).strip()
-        if _base(model, "--model") not in cls.MODELS:
-            raise UsageError("--model", f"unknown model {model!r} for reconstruction; allowed: {', '.join(cls.MODELS)}")
-        model = canonical(model, option="--model")
+        model = _model_name(given("model", cls.model), cls.MODELS, " for reconstruction")
         _check_model_dataset(model, dataset)
 
         state = str(given("state", cls.state)).strip()
@@ -718,7 +695,7 @@ class ReconSpec(CellSpec):
             raise UsageError("--normalize", "dpbr train checkpoints are of normalising models; "
                                             "--no-normalize needs --state initial")
 
-        defence_raw = o.get("defence")
+        defence_raw = given("defence", None)
         defence = None
         if defence_raw is not None and str(defence_raw).strip().lower() not in ("none", "null", ""):
             try:
