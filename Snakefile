@@ -42,10 +42,12 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/vn.smk"
+include: "workflow/rules/reconstruct.smk"
 
 
 rule all:
-    """Every configured cell, the summaries and the figures."""
+    """Every configured cell (training, VN ratio, reconstruction), the summaries and the figures."""
     input:
         all_targets(),
     localrule: True

@@ -345,6 +345,70 @@ def plot_cmd(
 
 
 # ----------------------------------------------------------------------------------------------- #
+# dpbr vn-report / dpbr reconstruct-report: summaries and figures of the VN and inversion grids
+
+
+def _report_inputs(paths: Optional[list[Path]], files_from: Optional[str], default: Path) -> list[Path]:
+    from dpbr.report.aggregate import find_cell_files, read_file_list
+
+    given: list[str | Path] = list(paths or [])
+    if files_from is not None:
+        given += read_file_list(files_from)
+    return find_cell_files(given or [default])
+
+
+def _formats(text: str) -> list[str]:
+    fmts = [f.strip().lower() for f in text.split(",") if f.strip()]
+    if not fmts or any(f not in ("html", "png", "svg") for f in fmts):
+        raise UsageError("--formats", f"expected one or more of html, png, svg, got {text!r}")
+    return fmts
+
+
+_FILES_FROM_HELP = "Also read cell file paths, one per line, from this file ('-' = standard input)."
+_TRAIN_FINAL_HELP = "Final-accuracy table of the training grid (dpbr aggregate's final_accuracy.parquet) to compare with."
+
+
+@app.command("vn-report")
+def vn_report_cmd(
+    paths: Optional[list[Path]] = typer.Argument(None, help="VN cell files or folders of them [default: results/vn]."),
+    files_from: Optional[str] = typer.Option(None, "--files-from", help=_FILES_FROM_HELP),
+    train_final: Optional[Path] = typer.Option(None, "--train-final", help=_TRAIN_FINAL_HELP),
+    summary_dir: Path = typer.Option(Path("results/summary"), "--summary-dir", help="Folder of vn.parquet and vn_min_b.{parquet,csv}."),
+    out_dir: Path = typer.Option(Path("results/figures/vn"), "--out-dir", help="Folder of the figures ratio_vs_b and accuracy_vs_ratio."),
+    formats: str = typer.Option("html,png,svg", "--formats", help="Comma-separated: html (self-contained, offline), png, svg."),
+    quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
+) -> None:
+    """Tabulate VN cells (minimal b per rule next to Table 1) and draw ratio vs b and accuracy vs ratio."""
+    from dpbr.report.vn_report import vn_report
+
+    fmts = _formats(formats)
+    written = vn_report(_report_inputs(paths, files_from, Path("results/vn")), summary_dir, out_dir,
+                        train_final=train_final, formats=fmts)
+    if not quiet:
+        print(f"wrote {len(written)} files", file=sys.stderr)
+
+
+@app.command("reconstruct-report")
+def reconstruct_report_cmd(
+    paths: Optional[list[Path]] = typer.Argument(None, help="Reconstruction cell files or folders [default: results/reconstruct]."),
+    files_from: Optional[str] = typer.Option(None, "--files-from", help=_FILES_FROM_HELP),
+    train_final: Optional[Path] = typer.Option(None, "--train-final", help=_TRAIN_FINAL_HELP),
+    summary_dir: Path = typer.Option(Path("results/summary"), "--summary-dir", help="Folder of reconstruct.parquet and reconstruct_table.{parquet,csv}."),
+    out_dir: Path = typer.Option(Path("results/figures/reconstruct"), "--out-dir", help="Folder of the figures psnr_vs_batch, success_vs_batch, privacy_utility."),
+    formats: str = typer.Option("html,png,svg", "--formats", help="Comma-separated: html (self-contained, offline), png, svg."),
+    quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
+) -> None:
+    """Tabulate reconstruction cells (PSNR, SSIM, success rates over seeds) and draw them per defence."""
+    from dpbr.report.inversion_report import reconstruct_report
+
+    fmts = _formats(formats)
+    written = reconstruct_report(_report_inputs(paths, files_from, Path("results/reconstruct")), summary_dir, out_dir,
+                                 train_final=train_final, formats=fmts)
+    if not quiet:
+        print(f"wrote {len(written)} files", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- #
 
 
 def main(argv: list[str] | None = None) -> None:

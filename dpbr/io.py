@@ -87,6 +87,14 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: Mapping[str, 
     return path
 
 
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``frame`` to ``path`` as CSV (no index) atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``dpbr`` metadata of a Parquet file written by :func:`write_parquet` (empty dict if none)."""
     schema = pq.read_schema(path)

@@ -117,11 +117,17 @@ class CellSpec:
         return {**self.to_dict(), "cell_id": self.cell_id()}
 
     def cli_args(self) -> list[str]:
-        """The command-line options that rebuild this spec (``["--batch-size", "50", ...]``)."""
+        """The command-line options that rebuild this spec (``["--batch-size", "50", ...]``).
+
+        A boolean field is a flag pair: ``--normalize`` / ``--no-normalize``.
+        """
         args: list[str] = []
         for f in fields(self):
             v = getattr(self, f.name)
-            args += [option_name(f.name), _cli_text(v)]
+            if isinstance(v, bool):
+                args.append(option_name(f.name) if v else "--no-" + option_name(f.name)[2:])
+            else:
+                args += [option_name(f.name), _cli_text(v)]
         return args
 
     @classmethod

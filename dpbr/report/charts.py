@@ -31,7 +31,7 @@ from dpbr.io import atomic_path
 from dpbr.report.aggregate import GROUP_FIELDS
 from dpbr.report.layout import FIGURES, FORMATS, figure_group, figure_path, summary_paths
 
-__all__ = ["accuracy_chart", "final_accuracy_chart", "loss_chart", "plot", "save_chart", "series_labels"]
+__all__ = ["accuracy_chart", "final_accuracy_chart", "loss_chart", "note_chart", "plot", "save_chart", "series_labels"]
 
 #: Fields shown by facets or colour; any other field that varies within a figure joins the series label.
 _SHOWN = {"dataset", "model", "gar", "attack", "epsilon", "sparsify", "quantize", "batch_size"}
@@ -179,6 +179,14 @@ def final_accuracy_chart(final: pd.DataFrame) -> Any:
     return layered.facet(
         column=alt.Column("privacy:N", sort=_privacy_order(data), title="privacy"),
     ).properties(title=_title(data, "final test accuracy vs batch size"))
+
+
+def note_chart(text: str) -> Any:
+    """A chart that only shows ``text`` (a figure whose data is absent says why instead of being missing)."""
+    import altair as alt
+
+    return alt.Chart(pd.DataFrame({"text": [text]})).mark_text(align="left", fontSize=13).encode(
+        text="text:N").properties(width=520, height=40)
 
 
 def save_chart(chart: Any, path: str | Path, fmt: str) -> Path:

@@ -17,7 +17,7 @@ from dpbr.errors import UsageError
 from dpbr.registry import parse as parse_spec_string
 from dpbr.report import grid as dpbr_grid
 from dpbr.report import layout
-from dpbr.spec import RunSpec
+from dpbr.spec import ReconSpec, RunSpec, VNSpec
 from snakemake.exceptions import WorkflowError
 
 
@@ -36,6 +36,8 @@ DEVICE = shlex.quote(config["device"])
 #: Recorded with every cell through `params:` — a new value reruns every cell (code changes, see the notes).
 CODE_VERSION = str(config["code_version"] or dpbr.__version__)
 TRAIN_RESOURCES = config["resources"]["train"]
+VN_RESOURCES = config["resources"]["vn"]
+RECON_RESOURCES = config["resources"]["reconstruct"]
 PLOT_FORMATS = list(config["plots"]["formats"])
 
 wildcard_constraints:
@@ -46,7 +48,7 @@ wildcard_constraints:
 # --- grid → cells ------------------------------------------------------------------------------
 
 #: Spec class of each configuration section that names cells.
-SECTION_SPECS = {"train": RunSpec}
+SECTION_SPECS = {"train": RunSpec, "vn": VNSpec, "reconstruct": ReconSpec}
 
 
 def section_cells(section, spec_cls=None):
@@ -76,6 +78,9 @@ def _wildcard_form(spec_cls, render):
         def cell_id(self):
             return spec_cls.cell_id(self)
 
+        def state_token(self):  # ReconSpec names its model state by a token; in a pattern it is the wildcard
+            return self.state
+
     stand_in = _StandIn()
     for name, sentinel in sentinels.items():
         setattr(stand_in, name, sentinel)
@@ -97,9 +102,9 @@ def cell_id_pattern(spec_cls):
     return _wildcard_form(spec_cls, lambda s: s.cell_id())
 
 
-def cell_pattern(spec_cls, root=RESULTS):
-    """Output pattern of a section's cells: ``spec.path(root)`` with one wildcard per field."""
-    return _wildcard_form(spec_cls, lambda s: spec_cls.path(s, root))
+def cell_pattern(spec_cls, root=RESULTS, suffix=".parquet"):
+    """Output pattern of a section's cells: ``spec.path(root, suffix)`` with one wildcard per field."""
+    return _wildcard_form(spec_cls, lambda s: spec_cls.path(s, root, suffix))
 
 
 @functools.cache
@@ -133,6 +138,10 @@ def lookup(cells, section, spec_cls, wildcards):
 
 TRAIN = section_cells("train")
 TRAIN_FILES = cell_targets(TRAIN)
+VN = section_cells("vn")
+VN_FILES = cell_targets(VN)
+RECON = section_cells("reconstruct")
+RECON_FILES = cell_targets(RECON)
 
 
 # --- datasets ----------------------------------------------------------------------------------
@@ -150,7 +159,8 @@ def _cache_stem(dataset):
 
 def _datasets():
     """``{cache stem: dataset name}`` of every stored dataset the cells use."""
-    names = {spec.dataset for spec in TRAIN.values() if not is_generated(spec.dataset)}
+    cells = [*TRAIN.values(), *VN.values(), *RECON.values()]
+    names = {spec.dataset for spec in cells if not is_generated(spec.dataset)}
     return {_cache_stem(name): name for name in sorted(names)}
 
 
@@ -199,11 +209,26 @@ def summary_files():
 # --- targets -----------------------------------------------------------------------------------
 
 
+#: Figures of the VN and reconstruction reports (``dpbr vn-report``, ``dpbr reconstruct-report``); the
+#: last of each compares with the training grid and exists only when there are training cells.
+VN_FIGURES_DIR = os.path.join(FIGURES_DIR, "vn")
+RECON_FIGURES_DIR = os.path.join(FIGURES_DIR, "reconstruct")
+
+
+def report_figures(names, with_training):
+    """Figure names of a report: all of them with training cells, else all but the comparison."""
+    return list(names) if with_training else list(names[:-1])
+
+
 def all_targets():
-    """Every cell, and — when there are training cells — the summaries and every figure."""
-    targets = list(TRAIN_FILES)
+    """Every cell, and for each section with cells its summaries and figures."""
+    targets = list(TRAIN_FILES) + list(VN_FILES) + list(RECON_FILES)
     if TRAIN:
         targets += list(summary_files().values())
         for group in FIGURE_GROUPS:
             targets += figure_files(group)
+    if VN:
+        targets += vn_report_outputs().values()
+    if RECON:
+        targets += recon_report_outputs().values()
     return targets

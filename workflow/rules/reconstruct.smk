@@ -1,0 +1,80 @@
+# Gradient-inversion cells (`dpbr reconstruct`) and their report.
+#
+# Cells come from the `reconstruct:` section (fields of dpbr.spec.ReconSpec). The workflow attacks
+# the model in its initial state (`state: initial`, as `dpbr train` with the same seed starts);
+# checkpoints of training runs are attacked with `dpbr reconstruct --state <file>` directly.
+
+from dpbr.report import inversion_report as dpbr_inversion_report
+
+for _spec in RECON.values():
+    if _spec.state != "initial":
+        raise WorkflowError(
+            f"config error: reconstruct: state {_spec.state!r}: the workflow attacks the initial model "
+            "(state: initial); attack a training checkpoint with `dpbr reconstruct --state FILE`"
+        )
+
+
+rule reconstruct:
+    """One gradient-inversion cell (`dpbr reconstruct`): the attack on one batch's shared gradient
+    under one defence → `<results>/reconstruct/<cell id>.parquet` (one row per image: MSE, PSNR, SSIM,
+    label, success flags) and `.png` (originals above, reconstructions below). Named `reconstruct`
+    so that the slurm-gpu profile gives it a GPU."""
+    input:
+        lambda wc: [ancient(f) for f in dataset_files(lookup(RECON, "reconstruct", ReconSpec, wc).dataset)],
+    output:
+        parquet=cell_pattern(ReconSpec),
+        png=cell_pattern(ReconSpec, suffix=".png"),
+    wildcard_constraints:
+        **field_constraints(ReconSpec),
+    params:
+        args=lambda wc: lookup(RECON, "reconstruct", ReconSpec, wc).cli_args(),
+        code_version=CODE_VERSION,
+    log:
+        os.path.join(LOGS, "reconstruct", cell_id_pattern(ReconSpec) + ".log"),
+    threads: RECON_RESOURCES["threads"]
+    resources:
+        mem_mb=RECON_RESOURCES["mem_mb"],
+        runtime=RECON_RESOURCES["runtime"],
+        gpu=RECON_RESOURCES["gpu"],
+    shell:
+        "{PYTHON} -m dpbr reconstruct {params.args:q} --out {output.parquet:q} --png {output.png:q}"
+        " --data-dir {DATA_DIR_Q} --device {DEVICE} --threads {threads} --quiet > {log:q} 2>&1"
+
+
+def recon_report_outputs():
+    """``{name: path}`` of the reconstruction report: tables, and every figure in every format."""
+    out = {k: os.path.join(SUMMARY_DIR, f) for k, f in dpbr_inversion_report.SUMMARY_FILES.items()}
+    for figure in report_figures(dpbr_inversion_report.FIGURES, bool(TRAIN)):
+        for fmt in PLOT_FORMATS:
+            path = os.path.join(RECON_FIGURES_DIR, f"{figure}.{fmt}")
+            if fmt == _report_format():
+                path = report(path, caption=f"../report/reconstruct_{figure}.rst", category="Gradient inversion",
+                              labels={"figure": figure})
+            out[f"{figure}_{fmt}"] = path
+    out["table_csv"] = report(out["table_csv"], caption="../report/reconstruct_table.rst",
+                              category="Gradient inversion", labels={"table": "reconstruction quality"})
+    return out
+
+
+rule reconstruct_report:
+    """Summary of every reconstruction cell (`dpbr reconstruct-report`): all image rows, a table over
+    seeds per cell, PSNR and success rate vs batch size per defence, and — with training cells — the
+    privacy–utility chart."""
+    input:
+        cells=RECON_FILES,
+        final=[summary_files()["final"]] if TRAIN else [],
+    output:
+        **recon_report_outputs(),
+    params:
+        train_final=["--train-final", summary_files()["final"]] if TRAIN else [],
+        formats=",".join(PLOT_FORMATS),
+    log:
+        os.path.join(LOGS, "reconstruct_report.log"),
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "printf '%s\\n' {input.cells:q} | {PYTHON} -m dpbr reconstruct-report --files-from - {params.train_final:q}"
+        " --summary-dir {SUMMARY_DIR:q} --out-dir {RECON_FIGURES_DIR:q} --formats {params.formats} --quiet > {log:q} 2>&1"
