@@ -225,7 +225,7 @@ def test_schema_fills_defaults():
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [
-        ({"trian": {}}, "trian: unknown key; allowed: code_version, data, device, plots, resources, results, train"),
+        ({"trian": {}}, "trian: unknown key; allowed: code_version, data, device, plots, reconstruct, resources, results, train, vn"),
         ({"resources": {"train": {"threads": "two"}}}, "resources.train.threads: 'two' is not allowed"),
         ({"train": {"defaults": {"batch_size": "ten"}}}, "train.defaults.batch_size: 'ten' is not allowed"),
         ({"train": {"grid": [{"batch_size": ["ten"]}]}}, "train.grid[0].batch_size"),
@@ -282,13 +282,17 @@ def test_paper_config_is_the_study():
 
 def test_dry_run_counts_default_config(tmp_path):
     counts = snakemake_api(tmp_path, [REPO / "config" / "config.yaml"], dryrun=True)
-    # a fresh folder: MNIST is prepared once, before the 18 cells
-    assert counts == {"data": 1, "train": 18, "aggregate": 1, "plot": 1, "all": 1, "total": 22}
+    # a fresh folder: MNIST is prepared once, before the 18 training cells, 9 VN cells and 8 reconstructions
+    assert counts == {"data": 1, "train": 18, "aggregate": 1, "plot": 1, "vn": 9, "vn_report": 1,
+                      "reconstruct": 8, "reconstruct_report": 1, "all": 1, "total": 41}
 
 
 def test_dry_run_counts_paper_config(tmp_path):
     counts = snakemake_api(tmp_path, [REPO / "config" / "paper.yaml"], dryrun=True)
-    assert counts == {"data": 2, "train": 900, "aggregate": 1, "plot": 2, "all": 1, "total": 906}
+    # VN: 70 cells at the initial parameters and at 5 checkpoints of each model's trajectory (2 runs);
+    # reconstruction: DLG 3 b × 12 defences × 10 seeds, iDLG 4 × 10, IG 3 b × 2 defences × 3 seeds
+    assert counts == {"data": 2, "train": 900, "aggregate": 1, "plot": 2, "vn": 420, "trajectory": 2,
+                      "vn_report": 1, "reconstruct": 418, "reconstruct_report": 1, "all": 1, "total": 1748}
 
 
 def test_dry_run_counts_test_config(tmp_path):

@@ -25,16 +25,6 @@ IMAGES = "synthetic(n=40,n_test=20)"
 # Dry-run job counts
 
 
-def test_default_config_has_vn_and_reconstruction_jobs(tmp_path):
-    counts = snakemake_api(tmp_path, [REPO / "config" / "config.yaml"], dryrun=True)
-    # VN: 3 privacy settings × 3 batch sizes at the initial parameters; reconstruction: 3 defences × 2 b
-    # plus the ε defence at each b; one report each.
-    assert counts["vn"] == 9
-    assert counts["reconstruct"] == 8
-    assert counts["vn_report"] == 1 and counts["reconstruct_report"] == 1
-    assert "trajectory" not in counts
-
-
 def test_paper_config_counts():
     config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     from dpbr.report import grid
@@ -46,16 +36,6 @@ def test_paper_config_counts():
     # DLG: 3 b × 12 defences × 10 seeds; iDLG: 4 defences × 10 seeds; IG: 3 b × 2 defences × 3 seeds
     assert len(recon) == 3 * 12 * 10 + 4 * 10 + 3 * 2 * 3
     assert len(config["vn"]["trajectories"]) == 2
-
-
-@pytest.mark.slow
-def test_paper_config_dry_run_counts_trajectories(tmp_path):
-    counts = snakemake_api(tmp_path, [REPO / "config" / "paper.yaml"], dryrun=True,
-                           config={"data": {"dir": str(REPO / "data"), "sources": {}}})
-    # every VN cell also at each of the 5 checkpoints of its model's trajectory
-    assert counts["vn"] == (8 * 5 + 6 * 5) * (1 + 5)
-    assert counts["trajectory"] == 2
-    assert counts["reconstruct"] == 3 * 12 * 10 + 4 * 10 + 3 * 2 * 3
 
 
 # ----------------------------------------------------------------------------------------------- #
