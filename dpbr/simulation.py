@@ -17,7 +17,21 @@ One step (REFERENCE §1–2, seed 001 §4.1):
 
 Everything random comes from generators seeded from ``(seed, purpose, worker)`` (:mod:`dpbr.rng`), so
 the same spec and seed give identical records on the CPU. Per-step metrics stay on the device and are
-copied to the host once at the end (no host sync per step except the divergence check on the CPU).
+copied to the host once at the end (no host sync per step; the divergence check reads one flag every
+10 steps on the CPU, 25 on CUDA, or once per window for small models — a diverged run is cut at its
+first non-finite step either way).
+
+Speed (issue 3). A step reuses preallocated buffers (:class:`StepBuffers`): the privacy pipeline writes
+the vectors sent straight into rows ``0..h-1`` of the ``(n, d)`` matrix the rule aggregates and the
+attack's rows are copied under them, so no ``(n, d)`` tensor is allocated or concatenated per step. For
+small models (``n·d ≤`` :data:`WINDOW_MAX_ENTRIES`, e.g. the logistic model, ``d = 69``) a step costs
+per-operation overhead (5–10 µs per tensor operation on the 2-core CPU sandbox) rather than
+arithmetic, so the buffers hold a *window* of :data:`WINDOW_STEPS` steps and the metrics of the whole
+window are computed by one batched call of :func:`window_metrics` (about 55 operations per window
+instead of about 40 per step), and the logistic model's gradients come from
+:class:`LogisticGradients` (the model's closed form without its per-step normalisation). Large models
+use a window of one step. Trajectories (θ at every step) are bit-identical to the straightforward
+loop; the windowed metrics may differ from per-step ones in the last float32 bit (batched products).
 """
 
 from __future__ import annotations
@@ -32,10 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from dpbr import rng
+from dpbr.robust._geometry import GRAM_BLOCK
+from dpbr.robust._geometry import gram as geo_gram
 from dpbr.errors import UsageError
 from dpbr.spec import RunSpec
 
-__all__ = ["GradientOracle", "RunResult", "Simulation", "STEP_COLUMNS", "choose_strategy"]
+__all__ = ["GradientOracle", "RunResult", "Simulation", "STEP_COLUMNS", "StepBuffers", "WINDOW_MAX_ENTRIES",
+           "choose_strategy", "window_metrics"]
 
 #: Per-step metric columns, in the order they are recorded (see :meth:`Simulation.run`).
 STEP_COLUMNS: tuple[str, ...] = (
@@ -54,8 +71,19 @@ STEP_COLUMNS: tuple[str, ...] = (
 
 _DIVERGENCE_COLUMNS = [STEP_COLUMNS.index("train_loss"), STEP_COLUMNS.index("aggregate_norm")]
 
-#: Seconds spent per phase of a step.
+#: Seconds spent per phase of a step: ``data`` draws the example indices and gathers the batch;
+#: ``gradient`` computes the per-worker gradients (and nothing else, except per-example clipping,
+#: which is part of that computation); ``privacy`` clips (batch mode), applies worker momentum and
+#: the privacy mechanisms; ``attack`` forges the Byzantine vectors; ``aggregate`` runs the rule;
+#: ``update`` takes the momentum step and records the metrics.
 PHASES: tuple[str, ...] = ("data", "gradient", "privacy", "attack", "aggregate", "update")
+
+#: Largest ``n·d`` for which a window of steps is buffered and its metrics computed in one batched call
+#: (see the module docstring); larger models compute the metrics of every step at once.
+WINDOW_MAX_ENTRIES = 1 << 16
+
+#: Steps per window for small models (the divergence check then runs at the end of each window).
+WINDOW_STEPS = 50
 
 
 def choose_strategy(model: nn.Module, device: torch.device, batch_size: int, dim: int, steps: int) -> str:
@@ -121,21 +149,27 @@ class GradientOracle:
         loss = self.loss(out, y.unsqueeze(0))
         return loss, loss.detach()
 
-    def _flatten(self, grads: dict[str, Tensor] | tuple[Tensor, ...], rows: int) -> Tensor:
+    def _flatten(self, grads: dict[str, Tensor] | tuple[Tensor, ...], rows: int, out: Tensor | None = None) -> Tensor:
         parts = grads.values() if isinstance(grads, dict) else grads
-        return torch.cat([g.reshape(rows, -1) for g in parts], dim=1)
+        return torch.cat([g.reshape(rows, -1) for g in parts], dim=1, out=out)
 
-    def batch_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mini-batch gradients: ``x`` (h, b, ...) and ``y`` (h, b) → ``(G (h, d), losses (h,))``."""
+    def batch_gradients(self, x: Tensor, y: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mini-batch gradients: ``x`` (h, b, ...) and ``y`` (h, b) → ``(G (h, d), losses (h,))``.
+
+        ``out``, when given, is an ``(h, d)`` tensor the gradients are written to (and returned); it
+        saves allocating ``G`` at every step of a large model.
+        """
         h = x.shape[0]
         if self.strategy == "closed-form":
-            return self.model.worker_gradients(x, y)
+            grads, losses = self.model.worker_gradients(x, y)
+            return (grads if out is None else out.copy_(grads)), losses
         if self.strategy == "vmap":
             params = self.views(self.theta.detach())
             grads, losses = self._vmapped(params, x, y)
-            return self._flatten(grads, h), losses
+            return self._flatten(grads, h, out), losses
         plist = list(self.model.parameters())
-        out = torch.empty(h, self.dim, dtype=self.theta.dtype, device=self.theta.device)
+        if out is None:
+            out = torch.empty(h, self.dim, dtype=self.theta.dtype, device=self.theta.device)
         losses = torch.empty(h, dtype=self.theta.dtype, device=self.theta.device)
         for i in range(h):  # one backward pass per worker (a loop over workers, not coordinates)
             with torch.enable_grad():
@@ -167,6 +201,53 @@ class GradientOracle:
             total.index_add_(0, owner[sl], rows)
             loss_sum.index_add_(0, owner[sl], losses)
         return total / b, loss_sum / b
+
+
+class LogisticGradients:
+    """Closed-form per-worker gradients of the logistic model straight from example indices.
+
+    The operations of :meth:`dpbr.models.Logit.worker_gradients`, in the same order — so the same bits
+    (``tests/test_train.py`` checks it) — minus the work that does not change between steps: the
+    inputs of the whole training split are normalised once (normalisation is elementwise, so
+    gathering normalised rows gives the same numbers) and the labels converted to floats once; the
+    batch product runs as one ``bmm`` (what ``einsum("hb,hbd->hd")`` reduces to) and the result is
+    written into the caller's buffer. At ``d = 69`` a step is per-operation overhead, and this halves
+    the operations of the gradient phase.
+
+    With ``z = w·x + b``, ``ŷ = σ(z)`` and ``L = (1/b) Σ_i (ŷ_i − y_i)²``:
+    ``∂L/∂z_i = (2/b)(ŷ_i − y_i) ŷ_i (1 − ŷ_i)``, ``∇_w L = Σ_i ∂L/∂z_i x_i``, ``∇_b L = Σ_i ∂L/∂z_i``.
+    """
+
+    def __init__(self, model: nn.Module, x_train: Tensor, y_train: Tensor) -> None:
+        with torch.no_grad():
+            self.inputs = model.normalize(x_train.reshape(x_train.shape[0], -1)).contiguous()
+        self.targets = y_train.to(self.inputs.dtype)
+        self.weight = model.linear.weight.detach().reshape(-1)  # views of θ: follow its updates
+        self.bias = model.linear.bias.detach()
+        self.features = self.inputs.shape[1]
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """Whether ``model`` is the logistic model this closed form is written for."""
+        from dpbr.models import Logit
+
+        return isinstance(model, Logit)
+
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised inputs ``(h, b, D)`` and float labels ``(h, b)`` of the examples ``idx`` ``(h, b)``."""
+        flat = idx.reshape(-1)
+        return (self.inputs.index_select(0, flat).view(*idx.shape, self.features),
+                self.targets.index_select(0, flat).view(idx.shape))
+
+    def __call__(self, x: Tensor, y: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(G (h, d), losses (h,))`` for the gathered batch ``(x, y)`` (:meth:`gather`); ``G`` written to
+        ``out`` if given. ``y`` may also be integer 0/1 labels (same numbers)."""
+        b = y.shape[1]
+        prob = torch.sigmoid(x @ self.weight + self.bias)
+        err = prob - y
+        dz = (2.0 / b) * err * prob * (1 - prob)
+        grads = torch.cat([torch.bmm(dz.unsqueeze(1), x).squeeze(1), dz.sum(1, keepdim=True)], dim=1, out=out)
+        return grads, err.pow(2).mean(1)
 
 
 class PhaseTimer:
@@ -247,6 +328,10 @@ class Simulation:
             raise UsageError("--grad-strategy", f"closed-form needs a model with a closed-form gradient (logit), not {spec.model}")
         self.oracle = GradientOracle(self.model, models.loss(spec.model), models.per_example_loss(spec.model), theta,
                                      strategy=self.strategy, chunk=chunk)
+        self.logistic = (LogisticGradients(self.model, dataset.x_train, dataset.y_train)
+                         if self.strategy == "closed-form" and LogisticGradients.applies(self.model) else None)
+        # the fast path computes batch-mode (or no) clipping; per-example clipping needs the oracle
+        self._fast_logistic = self.logistic is not None and (spec.clip is None or spec.clip_mode == "batch")
         self.correct = functools.partial(models.correct, spec.model)
         self.loss = models.loss(spec.model)
         self.rule = aggregators.get(spec.gar)
@@ -276,30 +361,77 @@ class Simulation:
 
     # ------------------------------------------------------------------------------------------- #
 
-    def _sample(self, workers: range) -> Tensor:
-        """Indices ``(len(workers), b)`` of the training examples each worker draws this step."""
+    def _sample(self, workers: range, out: Tensor | None = None) -> Tensor:
+        """Indices ``(len(workers), b)`` of the training examples each worker draws this step.
+
+        Row ``i`` comes from worker ``workers[i]``'s own generator (the same draws with or without
+        ``out``, a CPU int64 buffer that saves the per-step allocation and stacking).
+        """
         b = self.spec.batch_size
-        rows = []
-        for w in workers:
+        rows = torch.empty(len(workers), b, dtype=torch.int64) if out is None else out
+        for row, w in zip(rows.unbind(0), workers):
             if self.worker_indices is None:
-                rows.append(torch.randint(self.n_train, (b,), generator=self.batch_gens[w]))
+                torch.randint(self.n_train, (b,), generator=self.batch_gens[w], out=row)
             else:
                 own = self.worker_indices[w]
-                rows.append(own[torch.randint(own.shape[0], (b,), generator=self.batch_gens[w])])
-        return torch.stack(rows).to(self.device)
+                torch.index_select(own, 0, torch.randint(own.shape[0], (b,), generator=self.batch_gens[w]), out=row)
+        return rows.to(self.device)
 
-    def _gradients(self, idx: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = self.data.x_train[idx]
-        y = self.data.y_train[idx] if labels is None else labels
+    def _sample_window(self, workers: range, count: int, scratch: Tensor, out: Tensor) -> Tensor:
+        """The indices of the next ``count`` steps at once: ``out[:count]`` ``(count, len(workers), b)``.
+
+        Worker ``i`` draws its ``count·b`` indices in one call of its own generator — the same
+        numbers, in the same order, as ``count`` calls of :meth:`_sample` (``torch.randint`` fills
+        serially from the generator; checked in ``tests/test_train.py``) — into ``scratch[i]``
+        (``(len(workers), window, b)``); one copy puts them in step-major order. Saves ``len(workers)``
+        generator calls per step for small models.
+        """
+        b = self.spec.batch_size
+        for block, w in zip(scratch.unbind(0), workers):
+            block = block[:count]
+            if self.worker_indices is None:
+                torch.randint(self.n_train, (count, b), generator=self.batch_gens[w], out=block)
+            else:
+                own = self.worker_indices[w]
+                drawn = torch.randint(own.shape[0], (count * b,), generator=self.batch_gens[w])
+                torch.index_select(own, 0, drawn, out=block.view(-1))
+        out[:count].copy_(scratch[:, :count].transpose(0, 1))
+        return out[:count].to(self.device)
+
+    def _batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs and labels of the examples ``idx`` ``(h, b)`` (for the logistic closed form, its
+        normalised inputs and float labels)."""
+        if self._fast_logistic:
+            return self.logistic.gather(idx)  # type: ignore[union-attr]
+        flat = idx.reshape(-1)
+        x = self.data.x_train.index_select(0, flat).view(*idx.shape, *self.data.x_train.shape[1:])
+        return x, self.data.y_train.index_select(0, flat).view(idx.shape)
+
+    def _raw_gradients(self, x: Tensor, y: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-worker gradients ``(h, d)`` (written to ``out`` when given) and losses ``(h,)``: clipped
+        per example in that mode (inseparable from the computation), otherwise not clipped yet."""
         spec = self.spec
+        if self._fast_logistic:
+            return self.logistic(x, y, out=out)  # type: ignore[misc]
         if spec.clip is not None and spec.clip_mode == "per-example":
-            return self.oracle.clipped_per_example_gradients(x, y, spec.clip)
-        grads, losses = self.oracle.batch_gradients(x, y)
-        if spec.clip is not None:
+            grads, losses = self.oracle.clipped_per_example_gradients(x, y, spec.clip)
+            return (grads if out is None else out.copy_(grads)), losses
+        raw, losses = self.oracle.batch_gradients(x, y, out=out)
+        return (raw if out is None or raw is out else out.copy_(raw)), losses
+
+    def _clip(self, grads: Tensor) -> Tensor:
+        """Clip each row of ``grads`` (a buffer of the simulation's) to norm ``C`` in place (batch mode)."""
+        if self.spec.clip is not None and self.spec.clip_mode == "batch":
             from dpbr.privacy.mechanisms import clip_rows
 
-            grads = clip_rows(grads, spec.clip)
-        return grads, losses
+            clip_rows(grads, self.spec.clip, out=grads)
+        return grads
+
+    def _gradients(self, idx: Tensor, labels: Tensor | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Clipped gradients ``(h, d)`` (written to ``out`` when given) and losses ``(h,)`` of the batches ``idx``."""
+        x, y = self._batch(idx)
+        grads, losses = self._raw_gradients(x, y if labels is None else labels, out)
+        return self._clip(grads), losses
 
     def evaluate(self, chunk: int = 2000) -> tuple[Tensor, Tensor]:
         """(test accuracy, mean test loss) of the current parameters on the whole test split."""
@@ -317,7 +449,19 @@ class Simulation:
     def run(self, *, progress: Callable[[int, float | None], None] | None = None,
             checkpoint: Callable[[int, Tensor], None] | None = None,
             checkpoint_steps: frozenset[int] = frozenset()) -> RunResult:
-        """Run ``spec.steps`` steps; returns the records (see :data:`STEP_COLUMNS`)."""
+        """Run ``spec.steps`` steps; returns the records (see :data:`STEP_COLUMNS`).
+
+        No step records an autograd graph: the closed-form strategy runs under
+        ``torch.inference_mode()`` (no autograd dispatch at all: about 20 % less per-operation
+        overhead at ``d = 69``), the others under ``torch.no_grad()`` (their gradient computations
+        switch autograd back on locally, or use ``torch.func``, which ignores the outer mode).
+        """
+        context = torch.inference_mode() if self.strategy == "closed-form" else torch.no_grad()
+        with context:
+            return self._run(progress, checkpoint, checkpoint_steps)
+
+    def _run(self, progress: Callable[[int, float | None], None] | None,
+             checkpoint: Callable[[int, Tensor], None] | None, checkpoint_steps: frozenset[int]) -> RunResult:
         spec, dev = self.spec, self.device
         steps, h, f_real = spec.steps, self.h, self.f_real
         theta = self.oracle.theta
@@ -328,55 +472,68 @@ class Simulation:
         evaluations: dict[int, tuple[Tensor, Tensor]] = {}
         gar_state: Any = None
         attack_state: Any = None
-        nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
         status, diverged_at, done = "completed", None, 0
-        check_every = 10 if dev.type == "cpu" else 25
+        small = (h + f_real) * self.dim <= WINDOW_MAX_ENTRIES
+        window = WINDOW_STEPS if small else 1
+        check_every = WINDOW_STEPS if small else 10 if dev.type == "cpu" else 25
+        buf = StepBuffers(window, h, f_real, self.dim, spec.batch_size, self.dtype, dev,
+                          clean=self.mechanism is not None or worker_mom is not None,
+                          selected=self.rule.selects and f_real > 0)
+        mechanism, attack, rule = self.mechanism, self.attack, self.rule
         if checkpoint is not None and 0 in checkpoint_steps:
             checkpoint(0, theta)
         if spec.eval_every > 0:
             evaluations[0] = self.evaluate()
         last_acc: float | None = float(evaluations[0][0]) if 0 in evaluations else None
+        honest_workers = range(h)
+        idx_window = buf.idx
         for s in range(steps):
+            k = s % window
+            slot = buf.slots[k]
+            stacked, sent, clean = slot.stacked, slot.sent, slot.clean
             timer.start()
-            idx = self._sample(range(h))
+            if k == 0:
+                idx_window = self._sample_window(honest_workers, min(window, steps - s), buf.idx_scratch, buf.idx)
+            x, y = self._batch(idx_window[k])
             timer.mark()
-            honest, losses = self._gradients(idx)
+            _, losses = self._raw_gradients(x, y, out=clean)
+            slot.losses.copy_(losses)
             timer.mark()
-            clean = honest
+            honest = self._clip(clean)
             if worker_mom is not None:
-                worker_mom = spec.worker_momentum * worker_mom + (1 - spec.worker_momentum) * honest
+                worker_mom = spec.worker_momentum * worker_mom + (1 - spec.worker_momentum) * clean
                 honest = worker_mom
-            sent = self.mechanism(honest, generator=self.noise_gens) if self.mechanism is not None else honest
+            if mechanism is not None:
+                mechanism(honest, generator=self.noise_gens, out=sent)
+            elif honest is not sent:
+                sent.copy_(honest)
             timer.mark()
-            byz = None
             if f_real > 0:
                 own = None
-                if self.attack.needs_own_gradients:
+                if attack.needs_own_gradients:
                     bidx = self._sample(range(h, spec.workers))
-                    labels = self.attack.label_map(self.data.y_train[bidx], self.data.num_classes)
+                    labels = attack.label_map(self.data.y_train[bidx], self.data.num_classes)
                     own, _ = self._gradients(bidx, labels)
-                forged = self.attack.forge(sent, f_real, aggregator=self.rule, generator=self.attack_gen,
-                                           own=own, state=attack_state)
-                byz, attack_state = forged.value, forged.state
-                stacked = torch.cat([sent, byz.to(sent.dtype)], dim=0)
-            else:
-                stacked = sent
+                forged = attack.forge(sent, f_real, aggregator=rule, generator=self.attack_gen,
+                                      own=own, state=attack_state, out=slot.byz)
+                attack_state = forged.state
             timer.mark()
-            agg = self.rule.aggregate(stacked, spec.byzantine, generator=self.gar_gen, state=gar_state)
+            agg = rule.aggregate(stacked, spec.byzantine, generator=self.gar_gen, state=gar_state)
             gar_state = agg.state
             timer.mark()
-            g = agg.value
-            momentum_buf.mul_(spec.momentum).add_(g)
+            momentum_buf.mul_(spec.momentum).add_(agg.value)
             theta.add_(momentum_buf, alpha=-spec.lr)
-            metrics[s] = self._step_metrics(losses, clean, sent, g, byz, agg.selected, theta, nan)
+            slot.record(agg.value, agg.selected, theta, self.theta0)
+            if k == window - 1 or s + 1 == steps:
+                metrics[s - k:s + 1] = buf.metrics(k + 1)
             timer.mark()
             timer.end()
             done = s + 1
             if (s + 1) % check_every == 0 or s + 1 == steps:
                 # The honest loss and the aggregate norm are finite at every step of a healthy run;
                 # θ stays finite as long as every aggregate was.
-                window = metrics[max(0, s + 1 - check_every):s + 1][:, _DIVERGENCE_COLUMNS]
-                if not bool(torch.isfinite(window).all()):
+                window_rows = metrics[max(0, s + 1 - check_every):s + 1][:, _DIVERGENCE_COLUMNS]
+                if not bool(torch.isfinite(window_rows).all()):
                     status = "diverged"
                     rows = torch.isfinite(metrics[:s + 1][:, _DIVERGENCE_COLUMNS]).all(1)
                     diverged_at = int((~rows).nonzero()[0, 0]) + 1
@@ -403,38 +560,166 @@ class Simulation:
             facts={"strategy": self.strategy, "dim": self.dim, "noise_sigma": self.noise_sigma},
         )
 
-    def _step_metrics(self, losses: Tensor, clean: Tensor, sent: Tensor, agg: Tensor, byz: Tensor | None,
-                      selected: Tensor | None, theta: Tensor, nan: Tensor) -> Tensor:
-        """One row of :data:`STEP_COLUMNS` (on the device; no host sync).
 
-        Norms and cosines of the honest mean ḡ, the aggregate, the Byzantine mean and θ − θ₀ come
-        from one small Gram matrix of those vectors (few kernel launches for small models, one pass
-        over memory for large ones); deviations from the centred rows (no cancellation).
-        """
-        h = sent.shape[0]
-        mean_sent = sent.mean(0)
-        has_byz = byz is not None and byz.shape[0] > 0
-        rows = [mean_sent, agg, byz.mean(0).to(agg.dtype) if has_byz else mean_sent, theta - self.theta0]
-        if clean is not sent:
-            mean_clean = clean.mean(0)
-            rows.append(mean_clean)
-        stacked = torch.stack(rows)
-        gram = (stacked @ stacked.T).double()
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        cos_h = gram[0, 1] / (norms[0] * norms[1])
-        cos_a = gram[1, 2] / (norms[1] * norms[2]) if has_byz else nan
-        dev_sent = _deviation(sent, mean_sent, h)
-        if clean is not sent:
-            norm_clean, dev_clean = norms[4], _deviation(clean, mean_clean, h)
-        else:
-            norm_clean, dev_clean = norms[0], dev_sent
-        sel = selected[h:].double().mean() if selected is not None and has_byz else nan
-        return torch.stack([losses.double().mean(), norms[0], dev_sent, dev_sent / norms[0], norm_clean, dev_clean,
-                            norms[1], cos_h, cos_a, norms[3], sel])
+@dataclass
+class _Slot:
+    """Views of one step's slot of :class:`StepBuffers` (made once: indexing costs an operation)."""
+
+    stacked: Tensor
+    sent: Tensor
+    byz: Tensor
+    clean: Tensor
+    losses: Tensor
+    aggregate: Tensor
+    displacement: Tensor
+    selected: Tensor | None
+
+    def record(self, aggregate: Tensor, selected: Tensor | None, theta: Tensor, theta0: Tensor) -> None:
+        """Keep what the step's metrics need besides the vectors and losses already in place."""
+        self.aggregate.copy_(aggregate)
+        torch.sub(theta, theta0, out=self.displacement)
+        if self.selected is not None and selected is not None:
+            self.selected.copy_(selected)
 
 
-def _deviation(rows: Tensor, mean: Tensor, h: int) -> Tensor:
-    """``sqrt(Σ_i ‖g_i − ḡ‖² / (h − 1))`` (NaN for a single row): the Frobenius norm of the centred rows."""
-    if h < 2:
-        return torch.tensor(math.nan, dtype=torch.float64, device=rows.device)
-    return torch.linalg.vector_norm(rows - mean).double() / math.sqrt(h - 1)
+class StepBuffers:
+    """The tensors a run reuses at every step, for a window of ``window`` steps (slot ``k`` = step
+    ``s mod window``); nothing of size ``(n, d)`` is allocated per step.
+
+    Attributes
+    ----------
+    stacked : Tensor (window, n, d)
+        Slot ``k`` is what the rule aggregates: rows ``0..h-1`` the vectors the honest workers sent
+        (written there by the privacy pipeline), rows ``h..n-1`` the Byzantine vectors.
+    clean : Tensor (window, h, d) or None
+        The clipped honest gradients before the privacy mechanisms, when something (a mechanism,
+        worker momentum) lies between them and what is sent; ``None`` otherwise (the gradients are
+        then clipped straight into ``stacked``).
+    vectors : Tensor (window, m, d)
+        Per step the vectors whose norms and cosines are recorded: honest mean sent, aggregate,
+        Byzantine mean, ``θ − θ₀`` and (``m = 5``, with ``clean``) the honest mean before privacy.
+    losses : Tensor (window, h); selected : Tensor (window, n) bool or None
+    idx, idx_scratch : Tensor (window, h, b) and (h, window, b) int64 (CPU)
+        The example indices of the window's steps, drawn once per window (:meth:`Simulation._sample_window`).
+    slots : list of per-step views of the above (``slots[k].sent``, ``.byz``, ``.clean``, ``.aggregate``, …)
+    scratch : Tensor (window, h, d)
+        Work space for the centred rows of the deviations.
+    """
+
+    def __init__(self, window: int, h: int, f: int, dim: int, batch_size: int, dtype: torch.dtype,
+                 device: torch.device, *, clean: bool, selected: bool) -> None:
+        n = h + f
+        self.window, self.h, self.f = window, h, f
+        # every entry is written in its step before it is read (uninitialised memory costs nothing:
+        # zeroing the (n, d) buffers of a large model took 25 ms)
+        self.stacked = torch.empty(window, n, dim, dtype=dtype, device=device)
+        self.clean = torch.empty(window, h, dim, dtype=dtype, device=device) if clean else None
+        self.vectors = torch.empty(window, 5 if clean else 4, dim, dtype=dtype, device=device)
+        self.scratch = torch.empty(window, h, dim, dtype=dtype, device=device)
+        self.losses = torch.zeros(window, h, dtype=dtype, device=device)
+        self.selected = torch.zeros(window, n, dtype=torch.bool, device=device) if selected else None
+        self.idx = torch.empty(window, h, batch_size, dtype=torch.int64)
+        self.idx_scratch = torch.empty(h, window, batch_size, dtype=torch.int64)
+        #: per-slot views (``slots[k].sent`` is ``stacked[k, :h]``, …), made once
+        self.slots = [
+            _Slot(stacked=self.stacked[k], sent=self.stacked[k, :h], byz=self.stacked[k, h:],
+                  clean=self.stacked[k, :h] if self.clean is None else self.clean[k], losses=self.losses[k],
+                  aggregate=self.vectors[k, 1], displacement=self.vectors[k, 3],
+                  selected=None if self.selected is None else self.selected[k])
+            for k in range(window)
+        ]
+
+    def metrics(self, count: int) -> Tensor:
+        """``(count, len(STEP_COLUMNS))`` float64 rows of the first ``count`` slots (:func:`window_metrics`)."""
+        h = self.h
+        return window_metrics(
+            self.losses[:count], self.stacked[:count, :h],
+            None if self.clean is None else self.clean[:count],
+            self.stacked[:count, h:] if self.f > 0 else None,
+            None if self.selected is None else self.selected[:count],
+            self.vectors[:count], scratch=self.scratch[:count])
+
+
+def _sum_of_squares(x: Tensor) -> Tensor:
+    """``Σ x²`` over all but the first dimension of ``x`` ``(c, m, d)``, float64 ``(c,)``: float32
+    norms of column blocks of :data:`GRAM_BLOCK` (accurate short sums), squared and added in float64."""
+    c, m, d = x.shape
+    main = d - d % GRAM_BLOCK
+    total = torch.zeros(c, dtype=torch.float64, device=x.device)
+    if main:
+        blocks = torch.linalg.vector_norm(x[..., :main].reshape(c, m, main // GRAM_BLOCK, GRAM_BLOCK), dim=-1)
+        total += blocks.double().square_().sum((1, 2))
+    if main < d:
+        total += torch.linalg.vector_norm(x[..., main:], dim=-1).double().square_().sum(1)
+    return total
+
+
+def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tensor | None, selected: Tensor | None,
+                   vectors: Tensor, *, scratch: Tensor | None = None) -> Tensor:
+    """The :data:`STEP_COLUMNS` of ``c`` steps at once, ``(c, 11)`` float64 on the device (no host sync).
+
+    Parameters
+    ----------
+    losses : (c, h)
+        Honest mini-batch losses.
+    sent : (c, h, d)
+        Honest vectors as sent (after privacy); ``clean`` (c, h, d) the same before privacy (after
+        clipping), or ``None`` when nothing lies between the two.
+    byz : (c, f, d) or None
+        The Byzantine vectors (``None`` or ``f = 0``: the attack columns are NaN).
+    selected : (c, n) bool or None
+        The rule's selection mask (``None`` for non-selecting rules: ``byzantine_selected`` is NaN).
+    vectors : (c, m, d)
+        Rows 1 (the aggregate ``GAR``) and 3 (``θ_t − θ₀``) filled by the caller; rows 0, 2 (and 4
+        when ``m = 5``) are overwritten with the honest mean ``ḡ`` as sent, the Byzantine mean and
+        (``m = 5``, needs ``clean``) the honest mean before privacy.
+    scratch : (c, h, d), optional
+        Work space for the centred rows (allocated when not given).
+
+    Formulas: norms and cosines of ``ḡ``, ``GAR``, the Byzantine mean, ``θ − θ₀`` and ``ḡ_clean`` come
+    from the ``m × m`` Gram matrix of ``vectors`` of each step (one batched matmul; for one step of a
+    large model the column-blocked :func:`dpbr.robust._geometry.gram`);
+    ``deviation = sqrt(Σ_i ‖g_i − ḡ‖² / (h − 1))`` from the centred rows (no cancellation; NaN for
+    ``h < 2``); ``vn_ratio = deviation / ‖ḡ‖``; ``cos(a, b) = ⟨a, b⟩ / (‖a‖‖b‖)``;
+    ``byzantine_selected`` = fraction of the Byzantine rows (``h..n−1``) selected.
+
+    Precision: float32 sums over long vectors are taken in blocks of
+    :data:`dpbr.robust._geometry.GRAM_BLOCK` and the blocks added in float64. A single float32
+    ``vector_norm`` or ``mm`` over ``6 × 431,080`` numbers is off by about 1e-4 (relative); blocked,
+    about 1e-7.
+    """
+    c, h = sent.shape[0], sent.shape[1]
+    dev = sent.device
+    nan_col = torch.full((c,), math.nan, dtype=torch.float64, device=dev)
+    has_byz = byz is not None and byz.shape[1] > 0
+    torch.mean(sent, dim=1, out=vectors[:, 0])
+    if has_byz:
+        torch.mean(byz, dim=1, out=vectors[:, 2])  # type: ignore[arg-type]
+    else:
+        vectors[:, 2].zero_()
+    if clean is not None:
+        torch.mean(clean, dim=1, out=vectors[:, 4])
+    if c == 1 and vectors.shape[2] > GRAM_BLOCK:
+        gram = geo_gram(vectors[0]).unsqueeze(0).double()
+    else:
+        gram = torch.bmm(vectors, vectors.transpose(1, 2)).double()
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+    cos_h = gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])
+    cos_a = gram[:, 1, 2] / (norms[:, 1] * norms[:, 2]) if has_byz else nan_col
+    if scratch is None:
+        scratch = torch.empty_like(sent)
+
+    def deviation(rows: Tensor, mean: Tensor) -> Tensor:
+        if h < 2:
+            return nan_col
+        centred = torch.sub(rows, mean.unsqueeze(1), out=scratch)
+        return _sum_of_squares(centred).sqrt_().div_(math.sqrt(h - 1))
+
+    dev_sent = deviation(sent, vectors[:, 0])
+    if clean is not None:
+        norm_clean, dev_clean = norms[:, 4], deviation(clean, vectors[:, 4])
+    else:
+        norm_clean, dev_clean = norms[:, 0], dev_sent
+    sel = selected[:, h:].double().mean(1) if selected is not None and has_byz else nan_col
+    return torch.stack([losses.double().mean(1), norms[:, 0], dev_sent, dev_sent / norms[:, 0], norm_clean,
+                        dev_clean, norms[:, 1], cos_h, cos_a, norms[:, 3], sel], dim=1)

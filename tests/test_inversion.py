@@ -196,6 +196,58 @@ def test_objective_is_zero_at_the_true_images_and_labels():
     assert torch.allclose(obj.images(z)[0], x)
 
 
+@pytest.mark.parametrize("batch,restarts,labels,distance,tv,size", [
+    (1, 1, None, "l2", 0.0, 8),          # DLG: one image, soft label
+    (2, 3, None, "l2", 0.0, 8),          # several images and restarts (weight gradients summed per restart)
+    (2, 2, "fixed", "cosine", 0.01, 9),  # IG-style objective, odd size (uneven border patches)
+    (1, 2, "fixed", "l2", 0.0, 12),      # iDLG
+])
+def test_analytic_lenet_objective_equals_autograd(batch, restarts, labels, distance, tv, size):
+    """The hand-derived second-order backprop (closed_form) gives autograd's value and gradient."""
+    from dpbr import models
+
+    model = models.build("lenet", input_shape=(1, size, size), num_classes=4, mean=(0.5,), std=(0.25,), seed=2).double()
+    g = torch.Generator().manual_seed(size + batch)
+    x = torch.rand(batch, 1, size, size, dtype=torch.float64, generator=g)
+    y = torch.arange(batch) % 4
+    loss = models.loss("lenet")
+    clean = torch.autograd.grad(loss(model(x), y), list(model.parameters()))
+    # a defended (noisy) target, so that the distance and its gradient are far from zero
+    noisy = [t + 0.05 * torch.randn(t.shape, dtype=t.dtype, generator=g) for t in clean]
+    kw = dict(loss=loss, batch=batch, image_shape=(1, size, size), num_classes=4, labels=y if labels else None,
+              mean=(0.5,), std=(0.25,), distance=distance, tv=tv, mkldnn=False)
+    ref = GradientMatching(model, noisy, strategy="loop", **kw)
+    fast = GradientMatching(model, noisy, strategy="analytic", **kw)
+    assert fast.evaluation(restarts) == "analytic" and ref.evaluation(restarts) == "loop"
+    z = torch.randn(restarts, ref.numel, dtype=torch.float64, generator=g)
+    v_ref, g_ref = ref.value_and_grad(z)
+    v, grad = fast.value_and_grad(z)
+    assert v.shape == (restarts,) and grad.shape == z.shape and grad.dtype == torch.float64
+    assert torch.allclose(v, v_ref, rtol=1e-10, atol=0.0)
+    assert torch.allclose(grad, g_ref, rtol=1e-10, atol=1e-10 * float(g_ref.abs().max()))
+    # restarts are independent: restart 1 alone gives the same numbers as within the batch
+    if restarts > 1:
+        v1, g1 = fast.value_and_grad(z[1:2])
+        assert torch.allclose(v1[0], v[1], rtol=1e-12) and torch.allclose(g1[0], grad[1], rtol=1e-10, atol=1e-14)
+
+
+def test_auto_strategy_picks_the_analytic_objective_only_for_lenet():
+    from dpbr import models
+
+    lenet = _toy_model()
+    x, y = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1])
+    auto = _objective(lenet, x, y, labels=None, strategy="auto")
+    assert auto.evaluation(1) == "analytic" and auto.evaluation(3) == "analytic"
+    assert _objective(lenet, x, y, labels=None, strategy="loop").evaluation(3) == "loop"
+    cnn = models.build("cnn", input_shape=(1, 28, 28), num_classes=4, seed=0)
+    target = [torch.zeros_like(p) for p in cnn.parameters()]
+    kw = dict(loss=models.loss("cnn"), batch=1, image_shape=(1, 28, 28), num_classes=4)
+    cnn_auto = GradientMatching(cnn, target, strategy="auto", **kw)
+    assert cnn_auto.evaluation(1) == "loop" and cnn_auto.evaluation(2) == "vmap"
+    with pytest.raises(ValueError, match="analytic"):
+        GradientMatching(cnn, target, strategy="analytic", **kw)
+
+
 def test_total_variation_known_answer():
     u = torch.zeros(1, 1, 3, 3)
     u[..., 1] = 1.0  # a vertical line: each row is (0, 1, 0), horizontal |diffs| (1, 1) → mean 1; vertical 0
@@ -431,6 +483,7 @@ def test_reconstruct_job_writes_parquet_and_png(tmp_path):
     assert ((frame["psnr"] - 10 * np.log10(1 / frame["mse"])).abs() < 1e-4).all()
     meta = read_metadata(out)
     assert meta["spec"]["attack"] == "dlg" and "Gaussian-window" in meta["ssim"] and len(meta["images"]) == 2
+    assert meta["evaluation"] == "analytic" and meta["strategy"] == "auto"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet", "r.png"]
 
 
@@ -497,6 +550,8 @@ def _cli(args, capsys):
     (["--state", "missing/step=5.pt"], "--state: checkpoint 'missing/step=5.pt' not found"),
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
     (["--threads", "0"], "--threads: must be >= 1"),
+    (["--strategy", "fast"], "--strategy: unknown strategy 'fast'"),
+    (["--strategy", "analytic", "--model", "resnet"], "--strategy: 'analytic' is implemented for lenet only"),
 ])
 def test_cli_errors_are_one_line_exit_2_and_leave_no_output(tmp_path, capsys, args, needle):
     out = tmp_path / "o.parquet"

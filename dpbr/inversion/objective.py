@@ -32,6 +32,9 @@ evaluation strategies give the same numbers:
 * ``"vmap"``: ``torch.func.vmap`` over restarts of ``grad_and_value`` of a function that itself takes
   ``torch.func.grad`` of the training loss — one batched kernel per layer for all restarts (grouped
   convolutions), better for several restarts, especially on a GPU.
+
+``"auto"`` picks ``analytic`` where it applies (:func:`dpbr.inversion.closed_form.supports`), else
+``loop`` for one restart and ``vmap`` for several.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from torch import Tensor, nn
 __all__ = ["GradientMatching", "total_variation", "infer_labels", "last_layer_weight"]
 
 DISTANCES = ("l2", "cosine")
-STRATEGIES = ("auto", "loop", "vmap")
+STRATEGIES = ("auto", "analytic", "loop", "vmap")
 
 
 def total_variation(u: Tensor) -> Tensor:
@@ -139,7 +142,8 @@ class GradientMatching:
     tv:
         Total-variation weight on ``u`` (IG; 0 for none).
     strategy:
-        ``"loop"``, ``"vmap"`` or ``"auto"`` (loop for one restart, vmap for several).
+        ``"analytic"``, ``"loop"``, ``"vmap"`` or ``"auto"`` (analytic where it applies, else loop for
+        one restart and vmap for several).
     mkldnn:
         Whether CPU convolutions may use oneDNN (mkldnn) during evaluations: ``None`` leaves PyTorch's
         global setting, ``False`` uses PyTorch's native kernels — about twice as fast for LeNet-sized
@@ -178,6 +182,15 @@ class GradientMatching:
         self.target_flat = torch.cat([t.reshape(-1) for t in self.target])
         self.target_norm = torch.linalg.vector_norm(self.target_flat)
         self._vmapped = None
+        from dpbr.inversion import closed_form
+
+        self._closed_form = None
+        if strategy in ("auto", "analytic") and closed_form.supports(model, getattr(loss, "name", None), distance):
+            self._closed_form = closed_form.LeNetMatching(model, self.target, image_shape=self.layout.image_shape,
+                                                          labels=self.labels,
+                                                          num_classes=self.layout.num_classes, distance=distance)
+        elif strategy == "analytic":
+            raise ValueError("strategy 'analytic' needs DLG's LeNet with cross-entropy and the l2 or cosine distance")
 
     # -- variables ---------------------------------------------------------------------------- #
 
@@ -285,8 +298,17 @@ class GradientMatching:
         with self._backend():
             return self._value_and_grad(z)
 
+    def evaluation(self, k: int) -> str:
+        """The evaluation :meth:`value_and_grad` uses for ``k`` restarts: ``analytic``, ``loop`` or ``vmap``."""
+        if self._closed_form is not None and self.strategy in ("auto", "analytic"):
+            return "analytic"
+        return "vmap" if self.use_vmap(k) else "loop"
+
     def _value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        if self.use_vmap(z.shape[0]):
+        mode = self.evaluation(z.shape[0])
+        if mode == "analytic":
+            return self._analytic(z)
+        if mode == "vmap":
             if self._vmapped is None:
                 self._vmapped = self._build_vmapped()
             g, v = self._vmapped[0](z.detach())
@@ -297,6 +319,21 @@ class GradientMatching:
             values.append(v)
             grads.append(g)
         return torch.stack(values), torch.stack(grads)
+
+    def _analytic(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """:mod:`~dpbr.inversion.closed_form`'s value and gradient, plus the TV term by autograd on ``u``."""
+        k = z.shape[0]
+        u, lab = self.split(z.detach())
+        value, gu, gl = self._closed_form.value_and_grad(u, lab)
+        if self.tv:
+            with torch.enable_grad():
+                uu = u.detach().requires_grad_(True)
+                tv = torch.stack([total_variation(uu[r]) for r in range(k)])
+                (g_tv,) = torch.autograd.grad(tv.sum(), uu)
+            value = value + self.tv * tv.detach()
+            gu = gu + self.tv * g_tv
+        parts = [gu.reshape(k, -1)] + ([gl.reshape(k, -1)] if gl is not None else [])
+        return value, torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def distance_only(self, z: Tensor) -> Tensor:
         """The matching distance (without the TV term) of each restart ``z (k, n)`` — the score by

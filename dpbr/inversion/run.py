@@ -296,6 +296,12 @@ def result_frame(job: Job, result: AttackResult) -> tuple[pd.DataFrame, Tensor, 
     return frame, originals, rec_m, summary
 
 
+def _base_model(model: str) -> str:
+    from dpbr.spec import _base
+
+    return _base(model, "--model")
+
+
 def use_mkldnn(spec: ReconSpec, input_shape: Any, device: torch.device) -> bool | None:
     """CPU convolution backend of the attacker's evaluations (a fixed rule, so results are reproducible).
 
@@ -337,8 +343,11 @@ def reconstruct(spec: ReconSpec, *, out: str | Path, png: str | Path | None = No
         raise UsageError("--png", "must differ from --out")
     if threads is not None and threads < 1:
         raise UsageError("--threads", f"must be >= 1, got {threads}")
-    if strategy not in ("auto", "loop", "vmap"):
-        raise UsageError("--strategy", f"unknown strategy {strategy!r}; allowed: auto, loop, vmap")
+    if strategy not in ("auto", "analytic", "loop", "vmap"):
+        raise UsageError("--strategy", f"unknown strategy {strategy!r}; allowed: auto, analytic, loop, vmap")
+    if strategy == "analytic" and _base_model(spec.model) != "lenet":
+        raise UsageError("--strategy", f"'analytic' is implemented for lenet only, not {spec.model}; "
+                                       "use auto, loop or vmap")
     checkpoint = load_checkpoint(spec.checkpoint, spec) if spec.checkpoint is not None else None
     dataset = data_mod.load(spec.dataset, Path(data_dir), device=dev)
     previous_threads = torch.get_num_threads()
@@ -356,6 +365,7 @@ def reconstruct(spec: ReconSpec, *, out: str | Path, png: str | Path | None = No
         torch.set_num_threads(previous_threads)
     meta = run_metadata(
         spec, dev, status=summary["status"], wall_seconds=wall, threads=used_threads, strategy=strategy,
+        evaluation=job.objective.evaluation(spec.restarts),
         dataset_source=getattr(dataset, "source", None), dataset_checksum=getattr(dataset, "checksum", None),
         checkpoint=None if checkpoint is None else {"path": str(spec.checkpoint), "step": checkpoint.get("step"),
                                                       "train_spec": checkpoint["spec"]},

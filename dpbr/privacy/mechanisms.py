@@ -1,9 +1,13 @@
 r"""Gradient-privacy mechanisms applied by honest workers before they send their gradients.
 
-Every mechanism is a callable ``mech(G, *, generator=None) -> Tensor`` on a stack ``G`` of shape
-``(h, d)`` — one row per honest worker — (a single vector of shape ``(d,)`` is treated as one row;
+Every mechanism is a callable ``mech(G, *, generator=None, out=None) -> Tensor`` on a stack ``G`` of
+shape ``(h, d)`` — one row per honest worker — (a single vector of shape ``(d,)`` is treated as one row;
 per-example clipping takes ``(h, b, d)``). Mechanisms never mutate ``G``, keep its dtype and device,
-never call ``.item()`` and never loop in Python over rows or coordinates.
+never call ``.item()`` and never loop in Python over rows or coordinates. ``out`` (optional) is a tensor
+of the result's shape, dtype and device, sharing no memory with ``G``, that receives the result (and is
+returned): the simulation passes the rows of the matrix the rule aggregates, so nothing is allocated
+or copied per step (the Gaussian mechanism draws its noise straight into ``out``). Same values with or
+without ``out``.
 
 Look-up by name or spec string (:mod:`dpbr.registry` grammar)::
 
@@ -166,6 +170,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _check_out(out: Any, G: torch.Tensor, shape: tuple[int, ...], who: str) -> torch.Tensor:
+    """``out`` if it can receive a result of ``shape`` computed from ``G``: a tensor of ``G``'s dtype and
+    device and that shape, sharing no memory with ``G`` (the result is written while ``G`` is read)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{who}: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != G.dtype or out.device != G.device:
+        raise ValueError(
+            f"{who}: out must have shape {shape}, dtype {G.dtype} and device {G.device}; got shape "
+            f"{tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
+        )
+    if out.numel() and G.numel() and out.untyped_storage().data_ptr() == G.untyped_storage().data_ptr():
+        lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        glo, ghi = G.data_ptr(), G.data_ptr() + G.numel() * G.element_size()
+        if lo < ghi and glo < hi:
+            raise ValueError(f"{who}: out must not share memory with the input")
+    return out
+
+
 def _generators(generator: GeneratorArg, h: int, who: str) -> list[torch.Generator] | torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
@@ -204,8 +226,8 @@ def _fill(
     if gens is None or isinstance(gens, torch.Generator):
         draw(out, gens)
     else:
-        for i, g in enumerate(gens):  # one call per worker, not per coordinate
-            draw(out[i], g)
+        for row, g in zip(out.unbind(0), gens):  # one call per worker, not per coordinate
+            draw(row, g)
     return out
 
 
@@ -213,18 +235,20 @@ def _fill(
 # Clipping
 
 
-def clip_rows(X: torch.Tensor, c: float) -> torch.Tensor:
+def clip_rows(X: torch.Tensor, c: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     r"""Scale each row (last dimension) of ``X`` to L2 norm at most ``c``: :math:`x \min(1, c/\|x\|_2)`.
 
     Works on any shape ``(..., d)`` — ``(m, d)`` worker gradients or ``(h, b, d)`` per-example
     gradients. Zero rows stay zero; rows with a non-finite entry become non-finite (NaN); no host
-    synchronisation. Norms of float16/bfloat16 inputs are computed in float32. Returns a new tensor.
+    synchronisation. Norms of float16/bfloat16 inputs are computed in float32. Returns a new tensor,
+    or ``out`` (same shape and dtype as ``X``; ``out`` may be ``X`` itself for an in-place clip of a
+    buffer the caller owns) filled with the result.
     """
     _check_tensor(X, "clip_rows")
     c = _positive_finite(c, "--clip", "clip")
     norms = torch.linalg.vector_norm(X, dim=-1, keepdim=True, dtype=_compute_dtype(X.dtype))
     scale = (c / norms).clamp_(max=1.0)  # zero row: c/0 = inf -> 1
-    return X * scale.to(X.dtype)
+    return torch.mul(X, scale if scale.dtype == X.dtype else scale.to(X.dtype), out=out)
 
 
 def clip_per_example_sum(per_example: torch.Tensor, c: float) -> torch.Tensor:
@@ -272,13 +296,21 @@ class Mechanism:
     sigma: float = 0.0
     randomized: bool = False
 
-    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None) -> torch.Tensor:
+    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None, out: torch.Tensor | None = None) -> torch.Tensor:
         X = _as_rows(G, self.name)
-        out = self._apply(X, generator)
-        return out.reshape(G.shape) if G.dim() == 1 else out
+        if out is not None:
+            target = _check_out(out, G, tuple(G.shape), self.name)
+            self._apply_into(X, generator, target if G.dim() == 2 else target.unsqueeze(0))
+            return out
+        res = self._apply(X, generator)
+        return res.reshape(G.shape) if G.dim() == 1 else res
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def _apply_into(self, X: torch.Tensor, generator: GeneratorArg, out: torch.Tensor) -> None:
+        """Write the result for the 2-D ``X`` into ``out`` (default: compute it, then copy)."""
+        out.copy_(self._apply(X, generator))
 
     @property
     def stage_name(self) -> str:
@@ -300,8 +332,10 @@ class Identity(Mechanism):
     name = "none"
     stage = -1
 
-    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None) -> torch.Tensor:
+    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None, out: torch.Tensor | None = None) -> torch.Tensor:
         _check_tensor(G, self.name)
+        if out is not None:
+            return _check_out(out, G, tuple(G.shape), self.name).copy_(G)
         return G.clone()
 
 
@@ -330,7 +364,7 @@ class Clip(Mechanism):
         self.mode = m
         self.name = format_term("clip", {"c": self.c, "mode": self.mode})
 
-    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None) -> torch.Tensor:
+    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None, out: torch.Tensor | None = None) -> torch.Tensor:
         _check_tensor(G, self.name)
         if self.mode == "per-example":
             if G.dim() != 3:
@@ -339,11 +373,15 @@ class Clip(Mechanism):
                     f"{tuple(G.shape)}; a mini-batch gradient cannot be clipped per example — compute per-example "
                     "gradients (or use clip_per_example_sum on chunks) or use mode=batch"
                 )
-            return clip_per_example_mean(G, self.c)
-        return super().__call__(G, generator=generator)
+            res = clip_per_example_mean(G, self.c)
+            return res if out is None else _check_out(out, G, tuple(res.shape), self.name).copy_(res)
+        return super().__call__(G, generator=generator, out=out)
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
         return clip_rows(X, self.c)
+
+    def _apply_into(self, X: torch.Tensor, generator: GeneratorArg, out: torch.Tensor) -> None:
+        clip_rows(X, self.c, out=out)
 
 
 class Gaussian(Mechanism):
@@ -404,11 +442,16 @@ class Gaussian(Mechanism):
         self.name = format_term("gaussian", self.params)
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
-        if self.sigma == 0.0:
-            return X.clone()
         out = torch.empty_like(X, memory_format=torch.contiguous_format)
+        self._apply_into(X, generator, out)
+        return out
+
+    def _apply_into(self, X: torch.Tensor, generator: GeneratorArg, out: torch.Tensor) -> None:
+        if self.sigma == 0.0:
+            out.copy_(X)
+            return
         _fill(out, "normal", generator, self.name, 0.0, self.sigma)
-        return out.add_(X)
+        out.add_(X)
 
 
 def sparsify_rows(X: torch.Tensor, p: float) -> torch.Tensor:
@@ -658,13 +701,14 @@ class Pipeline(Mechanism):
         self.sigma = next((m.sigma for m in parts if isinstance(m, Gaussian)), 0.0)
         self.randomized = any(m.randomized for m in parts)
 
-    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None) -> torch.Tensor:
+    def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None, out: torch.Tensor | None = None) -> torch.Tensor:
         _check_tensor(G, self.name)
         if not self.mechanisms:
-            return G.clone()
+            return G.clone() if out is None else _check_out(out, G, tuple(G.shape), self.name).copy_(G)
         X = G
-        for m in self.mechanisms:
-            X = m(X, generator=generator if m.randomized else None)
+        last = len(self.mechanisms) - 1
+        for i, m in enumerate(self.mechanisms):  # the last stage writes into ``out``
+            X = m(X, generator=generator if m.randomized else None, out=out if i == last else None)
         return X
 
     def __iter__(self):

@@ -314,9 +314,9 @@ class Aggregator:
 # Helpers shared by the rules
 
 
-def _distances(G: Tensor) -> tuple[Tensor, Tensor]:
-    """``(D², finite)`` of the rows of ``G`` from one Gram matrix (see :func:`_geometry.sqdist`)."""
-    return geo.sqdist(geo.gram(geo.compute_view(G)))
+def _distances(G: Tensor) -> Tensor:
+    """``D²`` of the rows of ``G`` from one Gram matrix (see :func:`_geometry.sqdist`)."""
+    return geo.squared_distances(geo.gram(geo.compute_view(G)))
 
 
 def _krum_scores(D2: Tensor, k: int) -> Tensor:
@@ -418,7 +418,7 @@ class MultiKrum(Aggregator):
 
     def _aggregate(self, G, f, generator, state):
         n = G.shape[0]
-        D2, _ = _distances(G)
+        D2 = _distances(G)
         scores = _krum_scores(D2, n - f - 2)
         m = self._m(n, f)
         if m == 1:
@@ -568,12 +568,12 @@ class MDA(Aggregator):
 
     def _aggregate(self, G, f, generator, state):
         n = G.shape[0]
-        D2, _ = _distances(G)
+        D2 = _distances(G)
         members, pairs = geo.mda_tables(n, f, str(D2.device))
-        within = D2.reshape(-1).index_select(0, pairs.reshape(-1)).view(pairs.shape)
-        diameters = within.amax(dim=1)
-        best = diameters.argmin() if self.ties == "first" else _lexargmin(diameters, within.sum(dim=1))
-        rows = members.index_select(0, best.reshape(1)).reshape(-1)
+        within = D2.reshape(-1).index_select(0, pairs.reshape(-1)).view(pairs.shape)  # (pairs, subsets)
+        diameters = within.amax(dim=0)
+        best = diameters.argmin() if self.ties == "first" else _lexargmin(diameters, within.sum(dim=0))
+        rows = members.index_select(0, best.reshape(1)).reshape(-1)  # no host sync (members[best] would)
         return Aggregation(geo.mean_rows(G, rows), _mask(n, rows))
 
 
@@ -606,7 +606,7 @@ class Bulyan(Aggregator):
     def _aggregate(self, G, f, generator, state):
         n = G.shape[0]
         theta, beta = n - 2 * f, n - 4 * f
-        D2, _ = _distances(G)
+        D2 = _distances(G)
         dev = D2.device
         huge = torch.finfo(D2.dtype).max
         eye = torch.eye(n, dtype=torch.bool, device=dev)
