@@ -225,6 +225,8 @@ class LogisticGradients:
         self.weight = model.linear.weight.detach().reshape(-1)  # views of θ: follow its updates
         self.bias = model.linear.bias.detach()
         self.features = self.inputs.shape[1]
+        self._one = torch.ones((), dtype=self.inputs.dtype, device=self.inputs.device)
+        self._two_over: dict[int, Tensor] = {}
 
     @staticmethod
     def applies(model: nn.Module) -> bool:
@@ -243,9 +245,13 @@ class LogisticGradients:
         """``(G (h, d), losses (h,))`` for the gathered batch ``(x, y)`` (:meth:`gather`); ``G`` written to
         ``out`` if given. ``y`` may also be integer 0/1 labels (same numbers)."""
         b = y.shape[1]
-        prob = torch.sigmoid(x @ self.weight + self.bias)
+        if b not in self._two_over:  # constants as 0-d tensors: same numbers, no per-call conversion
+            self._two_over[b] = torch.tensor(2.0 / b, dtype=self.inputs.dtype, device=self.inputs.device)
+        h = y.shape[0]
+        # ``x @ w`` of a (h, b, D) batch is this matrix-vector product (without matmul's reshaping layers)
+        prob = torch.sigmoid(torch.mv(x.reshape(h * b, self.features), self.weight).view(h, b) + self.bias)
         err = prob - y
-        dz = (2.0 / b) * err * prob * (1 - prob)
+        dz = self._two_over[b] * err * prob * (self._one - prob)
         grads = torch.cat([torch.bmm(dz.unsqueeze(1), x).squeeze(1), dz.sum(1, keepdim=True)], dim=1, out=out)
         return grads, err.pow(2).mean(1)
 
@@ -353,6 +359,7 @@ class Simulation:
             self.worker_indices = [ix.cpu() for ix in data_mod.partition(
                 dataset.y_train.cpu(), spec.workers, spec.partition, generator=part_gen)]
         self.n_train = n_train
+        self.input_size = math.prod(dataset.x_train.shape[1:])
         self.batch_gens = rng.worker_generators(spec.seed, "batch", spec.workers)
         noise_dev = device if device.type == "cuda" else "cpu"
         self.noise_gens = rng.worker_generators(spec.seed, "privacy", h, noise_dev)
@@ -480,24 +487,27 @@ class Simulation:
                           clean=self.mechanism is not None or worker_mom is not None,
                           selected=self.rule.selects and f_real > 0)
         mechanism, attack, rule = self.mechanism, self.attack, self.rule
+        momentum = torch.tensor(spec.momentum, dtype=self.dtype, device=dev)  # 0-d: no conversion per step
         if checkpoint is not None and 0 in checkpoint_steps:
             checkpoint(0, theta)
         if spec.eval_every > 0:
             evaluations[0] = self.evaluate()
         last_acc: float | None = float(evaluations[0][0]) if 0 in evaluations else None
         honest_workers = range(h)
-        idx_window = buf.idx
+        idx_window, batch_window = buf.idx, None
         for s in range(steps):
             k = s % window
             slot = buf.slots[k]
             stacked, sent, clean = slot.stacked, slot.sent, slot.clean
             timer.start()
             if k == 0:
-                idx_window = self._sample_window(honest_workers, min(window, steps - s), buf.idx_scratch, buf.idx)
-            x, y = self._batch(idx_window[k])
+                count = min(window, steps - s)
+                idx_window = self._sample_window(honest_workers, count, buf.idx_scratch, buf.idx)
+                # small batches: gather the whole window's examples at once too
+                batch_window = self._batch(idx_window) if window > 1 and idx_window.numel() * self.input_size <= (1 << 22) else None
+            x, y = (batch_window[0][k], batch_window[1][k]) if batch_window is not None else self._batch(idx_window[k])
             timer.mark()
             _, losses = self._raw_gradients(x, y, out=clean)
-            slot.losses.copy_(losses)
             timer.mark()
             honest = self._clip(clean)
             if worker_mom is not None:
@@ -521,9 +531,9 @@ class Simulation:
             agg = rule.aggregate(stacked, spec.byzantine, generator=self.gar_gen, state=gar_state)
             gar_state = agg.state
             timer.mark()
-            momentum_buf.mul_(spec.momentum).add_(agg.value)
+            momentum_buf.mul_(momentum).add_(agg.value)
             theta.add_(momentum_buf, alpha=-spec.lr)
-            slot.record(agg.value, agg.selected, theta, self.theta0)
+            buf.record(k, losses, agg.value, agg.selected, theta, self.theta0)
             if k == window - 1 or s + 1 == steps:
                 metrics[s - k:s + 1] = buf.metrics(k + 1)
             timer.mark()
@@ -569,17 +579,7 @@ class _Slot:
     sent: Tensor
     byz: Tensor
     clean: Tensor
-    losses: Tensor
-    aggregate: Tensor
     displacement: Tensor
-    selected: Tensor | None
-
-    def record(self, aggregate: Tensor, selected: Tensor | None, theta: Tensor, theta0: Tensor) -> None:
-        """Keep what the step's metrics need besides the vectors and losses already in place."""
-        self.aggregate.copy_(aggregate)
-        torch.sub(theta, theta0, out=self.displacement)
-        if self.selected is not None and selected is not None:
-            self.selected.copy_(selected)
 
 
 class StepBuffers:
@@ -599,6 +599,8 @@ class StepBuffers:
         Per step the vectors whose norms and cosines are recorded: honest mean sent, aggregate,
         Byzantine mean, ``θ − θ₀`` and (``m = 5``, with ``clean``) the honest mean before privacy.
     losses : Tensor (window, h); selected : Tensor (window, n) bool or None
+        Filled by :meth:`record` (one step) or :meth:`metrics` (a window: the steps' own tensors are
+        kept until then and stacked once, instead of three copies per step).
     idx, idx_scratch : Tensor (window, h, b) and (h, window, b) int64 (CPU)
         The example indices of the window's steps, drawn once per window (:meth:`Simulation._sample_window`).
     slots : list of per-step views of the above (``slots[k].sent``, ``.byz``, ``.clean``, ``.aggregate``, …)
@@ -623,21 +625,54 @@ class StepBuffers:
         #: per-slot views (``slots[k].sent`` is ``stacked[k, :h]``, …), made once
         self.slots = [
             _Slot(stacked=self.stacked[k], sent=self.stacked[k, :h], byz=self.stacked[k, h:],
-                  clean=self.stacked[k, :h] if self.clean is None else self.clean[k], losses=self.losses[k],
-                  aggregate=self.vectors[k, 1], displacement=self.vectors[k, 3],
-                  selected=None if self.selected is None else self.selected[k])
+                  clean=self.stacked[k, :h] if self.clean is None else self.clean[k],
+                  displacement=self.vectors[k, 3])
             for k in range(window)
         ]
+        self._kept: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+    def record(self, k: int, losses: Tensor, aggregate: Tensor, selected: Tensor | None, theta: Tensor,
+               theta0: Tensor) -> None:
+        """Keep what step ``k`` of the window needs for its metrics besides ``stacked`` and ``clean``.
+
+        ``θ − θ₀`` is written now (θ changes in place); the step's losses, aggregate and selection
+        are fresh tensors of the step, kept as they are until :meth:`metrics` (copied now for a
+        window of one step, whose buffers are reused at once).
+        """
+        torch.sub(theta, theta0, out=self.slots[k].displacement)
+        if self.window == 1:
+            self.losses[0].copy_(losses)
+            self.vectors[0, 1].copy_(aggregate)
+            if self.selected is not None and selected is not None:
+                self.selected[0].copy_(selected)
+        else:
+            if k == 0:
+                self._kept.clear()
+            self._kept.append((losses, aggregate, selected))
 
     def metrics(self, count: int) -> Tensor:
         """``(count, len(STEP_COLUMNS))`` float64 rows of the first ``count`` slots (:func:`window_metrics`)."""
         h = self.h
+        if self.window > 1:
+            kept = self._kept[:count]
+            torch.stack([t[0] for t in kept], out=self.losses[:count])
+            self.vectors[:count, 1] = torch.stack([t[1] for t in kept])
+            if self.selected is not None and all(t[2] is not None for t in kept):
+                torch.stack([t[2] for t in kept], out=self.selected[:count])  # type: ignore[misc]
         return window_metrics(
             self.losses[:count], self.stacked[:count, :h],
             None if self.clean is None else self.clean[:count],
             self.stacked[:count, h:] if self.f > 0 else None,
             None if self.selected is None else self.selected[:count],
             self.vectors[:count], scratch=self.scratch[:count])
+
+
+#: Rows (numbers) from which the deviation may come from ``Σ‖g_i‖² − h‖ḡ‖²`` (see :func:`window_metrics`).
+IDENTITY_MIN_ENTRIES = 1 << 20
+
+#: Smallest ``Σ‖g_i − ḡ‖² / Σ‖g_i‖²`` for which that difference is used (it loses ``log10(1/share)``
+#: of float32's ~7 digits: 2 at 1 %).
+IDENTITY_MIN_SHARE = 0.01
 
 
 def _sum_of_squares(x: Tensor) -> Tensor:
@@ -686,7 +721,10 @@ def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tens
     Precision: float32 sums over long vectors are taken in blocks of
     :data:`dpbr.robust._geometry.GRAM_BLOCK` and the blocks added in float64. A single float32
     ``vector_norm`` or ``mm`` over ``6 × 431,080`` numbers is off by about 1e-4 (relative); blocked,
-    about 1e-7.
+    about 1e-7. On the CPU, for large inputs (``≥`` :data:`IDENTITY_MIN_ENTRIES` numbers), the
+    deviation is taken from ``Σ‖g_i‖² − h‖ḡ‖²`` when that difference is at least
+    :data:`IDENTITY_MIN_SHARE` of ``Σ‖g_i‖²`` (error ≤ about 2e-5 relative; always the case with
+    privacy noise, whose rows are far apart), and from the centred rows otherwise.
     """
     c, h = sent.shape[0], sent.shape[1]
     dev = sent.device
@@ -709,15 +747,22 @@ def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tens
     if scratch is None:
         scratch = torch.empty_like(sent)
 
-    def deviation(rows: Tensor, mean: Tensor) -> Tensor:
+    def deviation(rows: Tensor, mean: Tensor, mean_sq: Tensor) -> Tensor:
         if h < 2:
             return nan_col
+        if rows.device.type == "cpu" and rows.numel() >= IDENTITY_MIN_ENTRIES:
+            # Σ‖g_i − ḡ‖² = Σ‖g_i‖² − h‖ḡ‖²: one read of the rows instead of writing and reading the
+            # centred copy; used only where it keeps at least two of its ~7 accurate digits
+            total = _sum_of_squares(rows)
+            spread = total - h * mean_sq
+            if bool((spread >= IDENTITY_MIN_SHARE * total).all()):  # a CPU tensor: no device sync
+                return spread.clamp_min_(0).sqrt_().div_(math.sqrt(h - 1))
         centred = torch.sub(rows, mean.unsqueeze(1), out=scratch)
         return _sum_of_squares(centred).sqrt_().div_(math.sqrt(h - 1))
 
-    dev_sent = deviation(sent, vectors[:, 0])
+    dev_sent = deviation(sent, vectors[:, 0], gram[:, 0, 0])
     if clean is not None:
-        norm_clean, dev_clean = norms[:, 4], deviation(clean, vectors[:, 4])
+        norm_clean, dev_clean = norms[:, 4], deviation(clean, vectors[:, 4], gram[:, 4, 4])
     else:
         norm_clean, dev_clean = norms[:, 0], dev_sent
     sel = selected[:, h:].double().mean(1) if selected is not None and has_byz else nan_col

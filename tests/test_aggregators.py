@@ -670,6 +670,29 @@ def test_overflowing_finite_rows_count_as_non_finite_for_distances():
     assert torch.isfinite(out.value).all() and not out.selected[0]
 
 
+def test_squared_distances_known_answer_and_exact_properties():
+    # rows (0,0), (3,4), (1,0) → squared distances 25, 1, 20; a NaN row and an inf row are infinitely far
+    G = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0], [math.nan, 1.0], [math.inf, 0.0]])
+    D2, finite = geo.sqdist(geo.gram(G))
+    torch.testing.assert_close(D2[:3, :3], torch.tensor([[0.0, 25.0, 1.0], [25.0, 0.0, 20.0], [1.0, 20.0, 0.0]]))
+    assert finite.tolist() == [True, True, True, False, False]
+    assert torch.isinf(D2[3:]).all() and torch.isinf(D2[:, 3:]).all() and not torch.isnan(D2).any()
+    # random inputs: exactly symmetric, exactly zero diagonal, close to the float64 brute force
+    X = torch.randn(9, 50, generator=_gen(4)) * 10
+    D2 = geo.squared_distances(geo.gram(X))
+    assert torch.equal(D2, D2.T) and torch.equal(D2.diagonal(), torch.zeros(9)) and (D2 >= 0).all()
+    torch.testing.assert_close(D2.double(), torch.cdist(X.double(), X.double()) ** 2, rtol=1e-5, atol=1e-3)
+
+
+def test_mean_rows_is_the_in_order_sum_divided_by_the_count():
+    X = torch.randn(11, 37, generator=_gen(5)) * 1e3
+    rows = torch.tensor([1, 4, 5, 9])
+    total = X[1] + X[4] + X[5] + X[9]
+    assert torch.equal(geo.mean_rows(X, rows), total / 4)
+    assert torch.equal(geo.mean_rows(X, rows), torch.nn.functional.embedding_bag(rows[None], X, mode="mean")[0])
+    assert torch.equal(geo.mean_rows(X.double(), rows[:1]), X[1].double())
+
+
 # ----------------------------------------------------------------------------------------------- #
 # Centered-clipping state
 

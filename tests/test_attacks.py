@@ -262,6 +262,20 @@ def test_identical_rows_and_independent_memory(spec):
     assert not torch.equal(out[1], out[0])
 
 
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_forge_into_out_gives_the_same_vectors(spec):
+    H = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    atk = attacks.get(spec)
+    want = atk.forge(H, 3, **_call_kwargs(atk, H, 3)).value
+    stacked = torch.full((9, 7), -1.0)  # honest rows, then the Byzantine rows the attack writes
+    stacked[:6] = H
+    got = atk.forge(stacked[:6], 3, out=stacked[6:], **_call_kwargs(atk, H, 3))
+    assert got.value.data_ptr() == stacked[6:].data_ptr()
+    assert torch.equal(stacked[6:].nan_to_num(7.0), want.nan_to_num(7.0)) and torch.equal(stacked[:6], H)
+    with pytest.raises(UsageError, match="shape"):
+        atk.forge(H, 3, out=torch.empty(2, 7), **_call_kwargs(atk, H, 3))
+
+
 def test_forge_returns_forged():
     forged = attacks.get("little").forge(H0, 2)
     assert isinstance(forged, attacks.Forged)

@@ -437,3 +437,58 @@ def test_bad_inputs():
         M.get("sparsify")(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="shape"):
         M.get("sparsify")(torch.ones(2, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# ``out=``: the result written into a caller's buffer (the simulation's rows), same values
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["gaussian(sigma=0.3)", "gaussian(sigma=0)", "sparsify(p=0.25)", "quantize(kind=stochastic,bits=3)",
+     "clip(c=1)", "none", "gaussian(sigma=0.3)+sparsify(p=0.5)+quantize(kind=qsgd,levels=4)"],
+)
+def test_out_receives_the_same_values(spec):
+    G = torch.randn(4, 30, generator=torch.Generator().manual_seed(0)) * 2
+    before = G.clone()
+    mech = M.get(spec)
+    want = mech(G, generator=gens(4, 7))
+    buffer = torch.full((2, 4, 30), math.nan)
+    got = mech(G, generator=gens(4, 7), out=buffer[1])
+    assert got.data_ptr() == buffer[1].data_ptr()
+    assert torch.equal(buffer[1], want) and torch.isnan(buffer[0]).all()
+    assert torch.equal(G, before)
+    # a single vector (d,) with a (d,) buffer
+    v = torch.randn(30, generator=torch.Generator().manual_seed(1))
+    out = torch.empty(30)
+    assert torch.equal(mech(v, generator=gens(1, 3), out=out), mech(v, generator=gens(1, 3)))
+
+
+def test_out_is_checked():
+    G = torch.randn(3, 5)
+    mech = M.get("gaussian(sigma=1)")
+    with pytest.raises(ValueError, match="share memory"):
+        mech(G, generator=gens(3), out=G)
+    stacked = torch.zeros(6, 5)
+    with pytest.raises(ValueError, match="share memory"):
+        mech(stacked[:3], generator=gens(3), out=stacked[2:5])  # overlapping row 2
+    mech(stacked[:3], generator=gens(3), out=stacked[3:])  # adjacent, not overlapping: fine
+    with pytest.raises(ValueError, match="shape"):
+        mech(G, generator=gens(3), out=torch.empty(3, 6))
+    with pytest.raises(ValueError, match="dtype"):
+        mech(G, generator=gens(3), out=torch.empty(3, 5, dtype=torch.float64))
+    per_example = M.get("clip(c=1,mode=per-example)")
+    P = torch.randn(2, 4, 5)
+    assert torch.equal(per_example(P, out=torch.empty(2, 5)), per_example(P))
+
+
+def test_clip_rows_out_and_in_place():
+    X = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0], [math.nan, 1.0]])
+    want = M.clip_rows(X, 1.0)
+    torch.testing.assert_close(want[:3], torch.tensor([[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]))
+    assert torch.isnan(want[3]).all()
+    out = torch.empty(4, 2)
+    assert M.clip_rows(X, 1.0, out=out) is out and torch.equal(out.nan_to_num(7.0), want.nan_to_num(7.0))
+    Y = X.clone()
+    M.clip_rows(Y, 1.0, out=Y)  # in place on a buffer the caller owns
+    assert torch.equal(Y.nan_to_num(7.0), want.nan_to_num(7.0))

@@ -213,3 +213,113 @@ def test_per_example_clipping_with_a_huge_norm_is_the_batch_gradient_and_clips_e
     oracle.chunk = 4  # chunks that straddle workers must give the same answer
     tiny, _ = oracle.clipped_per_example_gradients(x, y, clip=1e-6)
     assert (torch.linalg.vector_norm(tiny, dim=1) <= 1e-6 * (1 + 1e-5)).all()
+
+
+# ----------------------------------------------------------------------------------------------- #
+# Speed paths (issue 3): they must not change what is computed.
+
+
+def _sim(**options: object) -> Simulation:
+    from dpbr import data
+
+    base = dict(dataset=VECTORS, model="logit", workers=7, byzantine=2, batch_size=16, steps=30, eval_every=0,
+                seed=3, gar="mda", attack="little(factor=1.5,negative=true)", epsilon=0.5)
+    base.update(options)
+    spec = RunSpec.create(**base)
+    return Simulation(spec, data.load(str(spec.dataset), None), torch.device("cpu"))
+
+
+def test_logistic_fast_path_is_bit_identical_to_the_models_closed_form():
+    sim = _sim()
+    assert sim.logistic is not None
+    theta = sim.oracle.theta
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        theta.add_(torch.randn(theta.shape, generator=gen))  # away from the initial point
+        for b in (1, 7, 16):
+            idx = torch.randint(sim.n_train, (5, b), generator=gen)
+            want, want_loss = sim.model.worker_gradients(sim.data.x_train[idx], sim.data.y_train[idx])
+            x, y = sim.logistic.gather(idx)
+            out = torch.empty(5, sim.dim)
+            got, got_loss = sim.logistic(x, y, out=out)
+            assert got is out and torch.equal(got, want) and torch.equal(got_loss, want_loss)
+            # integer labels (the label-flip attack's own gradients) give the same numbers
+            assert torch.equal(sim.logistic(x, sim.data.y_train[idx])[0], want)
+
+
+@pytest.mark.parametrize("partition", ["iid", "shards"])
+def test_window_draw_of_indices_equals_per_step_draws(partition):
+    a, b = _sim(partition=partition), _sim(partition=partition)
+    per_step = torch.stack([a._sample(range(5)) for _ in range(7)])
+    scratch, out = torch.empty(5, 9, 16, dtype=torch.int64), torch.empty(9, 5, 16, dtype=torch.int64)
+    window = b._sample_window(range(5), 7, scratch, out)
+    assert torch.equal(window, per_step)
+    assert torch.equal(a._sample(range(5)), b._sample(range(5)))  # the generators end in the same state
+
+
+def test_window_metrics_match_a_direct_float64_computation():
+    gen = torch.Generator().manual_seed(1)
+    c, h, f, d = 3, 4, 2, 10
+    losses = torch.rand(c, h, generator=gen)
+    clean = torch.randn(c, h, d, generator=gen)
+    sent = clean + 0.5 * torch.randn(c, h, d, generator=gen)
+    byz = torch.randn(c, f, d, generator=gen)
+    agg = torch.randn(c, d, generator=gen)
+    disp = torch.randn(c, d, generator=gen)
+    selected = torch.tensor([[True] * h + [False] * f, [True] * (h - 1) + [False, True, True],
+                             [False] * h + [True, False]])
+    vectors = torch.empty(c, 5, d)
+    vectors[:, 1], vectors[:, 3] = agg, disp
+    from dpbr.simulation import window_metrics
+
+    got = window_metrics(losses, sent, clean, byz, selected, vectors)
+    S, C, B, A, T = (t.double() for t in (sent, clean, byz, agg, disp))
+    g, gc, gb = S.mean(1), C.mean(1), B.mean(1)
+
+    def cos(u, v):
+        return (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))
+
+    dev = ((S - g[:, None]) ** 2).sum((1, 2)).div(h - 1).sqrt()
+    dev_c = ((C - gc[:, None]) ** 2).sum((1, 2)).div(h - 1).sqrt()
+    want = torch.stack([losses.double().mean(1), g.norm(dim=1), dev, dev / g.norm(dim=1), gc.norm(dim=1), dev_c,
+                        A.norm(dim=1), cos(A, g), cos(A, gb), T.norm(dim=1),
+                        torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)], dim=1)
+    assert got.shape == (c, len(STEP_COLUMNS)) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # no attack, no separate clean copy, one honest row: NaN where undefined, clean = sent
+    vectors = torch.empty(c, 4, d)
+    vectors[:, 1], vectors[:, 3] = agg, disp
+    one = window_metrics(losses[:, :1], sent[:, :1], None, None, None, vectors)
+    cols = {name: one[:, j] for j, name in enumerate(STEP_COLUMNS)}
+    for name in ("honest_deviation", "vn_ratio", "honest_deviation_clean", "cos_aggregate_attack", "byzantine_selected"):
+        assert torch.isnan(cols[name]).all(), name
+    torch.testing.assert_close(cols["honest_norm_clean"], cols["honest_norm"])
+    torch.testing.assert_close(cols["honest_norm"], S[:, 0].norm(dim=1), rtol=1e-6, atol=0)
+
+
+def test_long_vector_metrics_are_accurate():
+    # float32 sums over 6 × 431,080 numbers: blocked, they stay within 1e-6 of the float64 value
+    gen = torch.Generator().manual_seed(2)
+    h, d = 6, 431_080
+    sent = torch.randn(1, h, d, generator=gen)
+    vectors = torch.randn(1, 4, d, generator=gen)
+    from dpbr.simulation import window_metrics
+
+    for spread in (1.0, 1e-3):  # far-apart rows (Σ‖g_i‖² − h‖ḡ‖²) and nearly equal ones (centred rows)
+        rows = 3.0 + spread * sent
+        got = window_metrics(torch.zeros(1, h), rows, None, None, None, vectors)[0]
+        S = rows.double()[0]
+        dev = (S - S.mean(0)).pow(2).sum().div(h - 1).sqrt()
+        assert abs(float(got[2]) / float(dev) - 1) < 2e-5, spread
+        assert abs(float(got[1]) / float(S.mean(0).norm()) - 1) < 1e-6
+
+
+def test_windowed_and_per_step_runs_give_the_same_trajectory_and_metrics(monkeypatch):
+    import dpbr.simulation as simulation
+
+    windowed = _sim(steps=23).run()  # 23 steps: a window of 50 cut short
+    monkeypatch.setattr(simulation, "WINDOW_MAX_ENTRIES", 0)  # a window of one step
+    per_step = _sim(steps=23).run()
+    assert windowed.steps_done == per_step.steps_done == 23
+    torch.testing.assert_close(windowed.metrics, per_step.metrics, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert windowed.evaluations == per_step.evaluations  # the same θ, bit for bit

@@ -180,12 +180,16 @@ def _check_out(out: Any, G: torch.Tensor, shape: tuple[int, ...], who: str) -> t
             f"{who}: out must have shape {shape}, dtype {G.dtype} and device {G.device}; got shape "
             f"{tuple(out.shape)}, dtype {out.dtype}, device {out.device}"
         )
-    if out.numel() and G.numel() and out.untyped_storage().data_ptr() == G.untyped_storage().data_ptr():
-        lo, hi = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
-        glo, ghi = G.data_ptr(), G.data_ptr() + G.numel() * G.element_size()
-        if lo < ghi and glo < hi:
+    if out.numel() and G.numel():  # overlapping address ranges (the spans of strided views)
+        lo, glo = out.data_ptr(), G.data_ptr()
+        if lo < glo + _span(G) and glo < lo + _span(out):
             raise ValueError(f"{who}: out must not share memory with the input")
     return out
+
+
+def _span(t: torch.Tensor) -> int:
+    """Bytes from the first to just past the last element of ``t`` (non-negative strides)."""
+    return (sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def _generators(generator: GeneratorArg, h: int, who: str) -> list[torch.Generator] | torch.Generator | None:
@@ -225,8 +229,16 @@ def _fill(
 
     if gens is None or isinstance(gens, torch.Generator):
         draw(out, gens)
+    elif all(g.device.type == out.device.type for g in gens):
+        # the common case, without the per-row checks (a step of a small model is Python overhead)
+        if kind == "normal":
+            for row, g in zip(out.unbind(0), gens):  # one call per worker, not per coordinate
+                row.normal_(a, b, generator=g)
+        else:
+            for row, g in zip(out.unbind(0), gens):
+                row.uniform_(a, b, generator=g)
     else:
-        for row, g in zip(out.unbind(0), gens):  # one call per worker, not per coordinate
+        for row, g in zip(out.unbind(0), gens):
             draw(row, g)
     return out
 
@@ -247,7 +259,8 @@ def clip_rows(X: torch.Tensor, c: float, *, out: torch.Tensor | None = None) -> 
     _check_tensor(X, "clip_rows")
     c = _positive_finite(c, "--clip", "clip")
     norms = torch.linalg.vector_norm(X, dim=-1, keepdim=True, dtype=_compute_dtype(X.dtype))
-    scale = (c / norms).clamp_(max=1.0)  # zero row: c/0 = inf -> 1
+    # c/‖x‖ as torch computes ``c / norms`` (reciprocal, then times c), in place: no temporaries
+    scale = norms.reciprocal_().mul_(c).clamp_(max=1.0)  # zero row: c/0 = inf -> 1
     return torch.mul(X, scale if scale.dtype == X.dtype else scale.to(X.dtype), out=out)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "NETWORK_MIN_COLUMNS",
     "combine",
     "compute_view",
+    "constant",
     "coordinate_median",
     "gram",
     "mda_tables",
@@ -139,6 +140,17 @@ def mean_rows(X: Tensor, rows: Tensor) -> Tensor:
     idx = rows.reshape(-1)
     # mode "sum", then the division: the same bits as mode "mean", whose CPU kernel is 4× slower
     return torch.embedding_bag(X, idx, _zero_offset(idx.device), False, 0)[0][0].div_(idx.shape[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def constant(value: float, like: Tensor) -> Tensor:
+    """A cached 0-d tensor holding ``value`` with ``like``'s dtype and device (a constant, not state:
+    passing a Python number to an operation makes torch build and convert a tensor for it each call)."""
+    return _constant(value, like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=8)

@@ -341,7 +341,7 @@ def _centrality(D2: Tensor) -> Tensor:
 
 def _lexargmin(primary: Tensor, secondary: Tensor) -> Tensor:
     """Index minimising ``primary``; exact ties go to the smaller ``secondary``, then the lower index."""
-    return torch.where(primary == primary.min(), secondary, math.inf).argmin()
+    return torch.where(primary == primary.min(), secondary, geo.constant(math.inf, secondary)).argmin()
 
 
 def _lexorder(primary: Tensor, secondary: Tensor) -> Tensor:
@@ -570,10 +570,10 @@ class MDA(Aggregator):
         n = G.shape[0]
         D2 = _distances(G)
         members, pairs = geo.mda_tables(n, f, str(D2.device))
-        within = D2.reshape(-1).index_select(0, pairs.reshape(-1)).view(pairs.shape)  # (pairs, subsets)
+        within = D2.view(-1).index_select(0, pairs.view(-1)).view(pairs.shape)  # (pairs, subsets)
         diameters = within.amax(dim=0)
         best = diameters.argmin() if self.ties == "first" else _lexargmin(diameters, within.sum(dim=0))
-        rows = members.index_select(0, best.reshape(1)).reshape(-1)  # no host sync (members[best] would)
+        rows = members.index_select(0, best.view(1)).view(-1)  # no host sync (members[best] would)
         return Aggregation(geo.mean_rows(G, rows), _mask(n, rows))
 
 
