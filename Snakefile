@@ -8,8 +8,8 @@
 Without --configfile the default config/config.yaml is used; with one (or several, merged in
 order) only those are used: each config file describes a whole experiment. The configuration is
 checked against workflow/schemas/config.schema.yaml (defaults filled in) and every cell is built
-with its spec before any job starts. Rules live in workflow/rules/; `.notes/WORKFLOW.md` explains
-outputs, reruns and cluster use.
+with its spec before any job starts. Rules live in workflow/rules/; the README ("The workflow")
+explains outputs, reruns and cluster use.
 """
 
 import os

@@ -93,10 +93,16 @@ import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
+
+from dpbr._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: naming and checking datasets needs no torch (dpbr._lazy)
+    torch = LazyModule("torch", globals())
 
 from dpbr.errors import UsageError
 

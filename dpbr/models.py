@@ -57,6 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpbr.errors import UsageError
+from dpbr.model_catalog import OPTION as _OPTION
+from dpbr.model_catalog import check_input, default_hparams, names  # re-exported (see __all__)
+from dpbr.model_catalog import cnn_spatial as _cnn_spatial
+from dpbr.model_catalog import lenet_spatial as _lenet_spatial
+from dpbr.model_catalog import resolve as _resolve
 
 __all__ = [
     "Loss",
@@ -72,78 +77,6 @@ __all__ = [
     "per_example_loss",
     "unflatten",
 ]
-
-_OPTION = "--model"
-
-
-# ----------------------------------------------------------------------------------------------- #
-# Names and parameters
-
-
-_PARAMS: dict[str, dict[str, Any]] = {
-    "logit": {},
-    "cnn": {},
-    "lenet": {},
-    "resnet": {"depth": 20, "width": 1, "norm": "group"},
-}
-_NORMS = ("group", "batch", "none")
-
-
-def names() -> list[str]:
-    """Model names (``resnet`` takes ``depth``, ``width`` and ``norm`` parameters)."""
-    return sorted(_PARAMS)
-
-
-def _resolve(name: str) -> tuple[str, dict[str, Any]]:
-    from dpbr.registry import parse
-
-    terms = parse(name, option=_OPTION)
-    if len(terms) != 1:
-        raise UsageError(_OPTION, f"expected one model name, got {name!r}")
-    base, params = terms[0]
-    if base not in _PARAMS:
-        raise UsageError(_OPTION, f"unknown model {name!r}; allowed: {', '.join(names())}")
-    allowed = _PARAMS[base]
-    unknown = [k for k in params if k not in allowed]
-    if unknown:
-        raise UsageError(_OPTION, f"model {base!r} has no parameter {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}")
-    params = {**allowed, **params}
-    if base == "resnet" and params["norm"] is None:  # the spec grammar reads "none" as None
-        params["norm"] = "none"
-    if base == "resnet":
-        depth, width, norm = params["depth"], params["width"], params["norm"]
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-            raise UsageError(_OPTION, f"resnet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise UsageError(_OPTION, f"resnet width must be a positive integer, got {width!r}")
-        if norm not in _NORMS:
-            raise UsageError(_OPTION, f"resnet norm must be one of {', '.join(_NORMS)}, got {norm!r}")
-    return base, params
-
-
-def default_hparams(model_name: str) -> dict[str, Any]:
-    """Training defaults of ``model_name``: ``lr``, ``momentum``, ``dampening``, ``clip``,
-    ``weight_decay``, ``steps``, ``eval_every``, ``delta``.
-
-    * ``logit``: the LPD ``reproduce.py`` constants of the study (REFERENCE §1): lr 2 (constant),
-      server momentum 0.99 with dampening 0, gradient clip 0.01, 1,000 steps, evaluation every 50
-      steps, δ = 1e-6, no weight decay.
-    * ``cnn``: the same constants. The study's README (seed 000) says its CNN runs used LPD's
-      ``reproduce.py``; its modified copy is not public, so no CNN-specific value is known. Only the
-      loss differs (cross-entropy; LPD ``nll`` on ``log_softmax``). Treat these as the study's
-      setting, not as tuned values.
-    * ``lenet``, ``resnet``: *not from the study* — common choices: SGD lr 0.1, momentum 0.9,
-      clip 1.0 (resnet: weight decay 5e-4, He et al.'s CIFAR setting). DLG/IG attack untrained or
-      briefly trained models, so these only matter for training runs.
-    """
-    base, _ = _resolve(model_name)
-    study = {"lr": 2.0, "momentum": 0.99, "dampening": 0.0, "clip": 0.01, "weight_decay": 0.0,
-             "steps": 1000, "eval_every": 50, "delta": 1e-6}
-    if base in ("logit", "cnn"):
-        return dict(study)
-    if base == "lenet":
-        return {**study, "lr": 0.1, "momentum": 0.9, "clip": 1.0}
-    return {**study, "lr": 0.1, "momentum": 0.9, "clip": 1.0, "weight_decay": 5e-4}
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -233,10 +166,6 @@ class CNN(nn.Module):
         return self.fc2(x)
 
 
-def _cnn_spatial(h: int) -> int:
-    return ((h - 4) // 2 - 4) // 2
-
-
 class LeNet(nn.Module):
     """DLG's LeNet (Zhu et al. 2019): sigmoid activations, twice differentiable as DLG needs."""
 
@@ -254,12 +183,6 @@ class LeNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.body(self.normalize(x)).flatten(1))
-
-
-def _lenet_spatial(h: int) -> int:
-    for stride in (2, 2, 1):
-        h = (h + 2 * 2 - 5) // stride + 1
-    return h
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -336,25 +259,6 @@ class ResNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- #
 # Build
-
-
-def check_input(name: str, input_shape: Sequence[int], num_classes: int) -> None:
-    """Raise ``ValueError`` (one line) when model ``name`` cannot take ``input_shape`` / ``num_classes``."""
-    base, _ = _resolve(name)
-    shape = tuple(int(s) for s in input_shape)
-    if num_classes < 2:
-        raise ValueError(f"{base} needs at least 2 classes, got {num_classes}")
-    if base == "logit":
-        if num_classes != 2:
-            raise ValueError(f"logit is a binary model (sigmoid output); the dataset has {num_classes} classes")
-        return
-    if len(shape) != 3:
-        raise ValueError(f"{base} takes images (C, H, W); the dataset's inputs have shape {shape}")
-    c, h, w = shape
-    if base == "cnn" and (_cnn_spatial(h) < 1 or _cnn_spatial(w) < 1):
-        raise ValueError(f"cnn needs images of at least 16×16, got {h}×{w}")
-    if base in ("lenet", "resnet") and min(h, w) < 2:
-        raise ValueError(f"{base} needs images of at least 2×2, got {h}×{w}")
 
 
 def build(

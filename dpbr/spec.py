@@ -320,7 +320,8 @@ class RunSpec(CellSpec):
         UsageError
             For any unknown name or value out of range, naming the option and what is allowed.
         """
-        from dpbr import data, models
+        from dpbr import data
+        from dpbr import model_catalog as models
         from dpbr.privacy import mechanisms
         from dpbr.robust import aggregators, attacks
 
@@ -418,7 +419,8 @@ def _base(spec_text: str, option: str) -> str:
 
 def _check_model_dataset(model: str, dataset: str) -> None:
     """Refuse model/dataset pairs whose input shapes cannot match (e.g. ``logit`` on MNIST)."""
-    from dpbr import data, models
+    from dpbr import data
+    from dpbr import model_catalog as models
 
     info = data.info(dataset)
     try:
@@ -533,7 +535,8 @@ class VNSpec(CellSpec):
         UsageError
             For any unknown name or value out of range, naming the option and what is allowed.
         """
-        from dpbr import data, models
+        from dpbr import data
+        from dpbr import model_catalog as models
 
         given = _option_reader(cls, options)
         dataset = data.canonical_name(str(given("dataset", cls.dataset)).strip())

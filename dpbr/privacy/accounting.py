@@ -60,7 +60,11 @@ import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import special
+
+from dpbr._lazy import LazyModule
+
+#: scipy.special, imported on first use (half a second; validating an ε needs none of it)
+special = LazyModule("scipy.special", globals(), "special")
 
 from dpbr.errors import UsageError
 

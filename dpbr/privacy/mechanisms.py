@@ -54,9 +54,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
-import torch
+from dpbr._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+else:  # imported on first use: validating mechanism names needs no torch (dpbr._lazy)
+    torch = LazyModule("torch", globals())
 
 from dpbr.errors import UsageError
 from dpbr.privacy import accounting as _acc
@@ -83,7 +88,7 @@ __all__ = [
     "registry",
 ]
 
-GeneratorArg = Union[torch.Generator, Sequence[torch.Generator], None]
+GeneratorArg = Union["torch.Generator", Sequence["torch.Generator"], None]
 
 #: Stage numbers: the order in which a pipeline applies its mechanisms.
 STAGES: dict[str, int] = {"clip": 0, "noise": 1, "sparsify": 2, "quantize": 3}

@@ -30,9 +30,17 @@ import functools
 import itertools
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import Tensor
+
+from dpbr._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:  # imported on first use (dpbr._lazy)
+    torch = LazyModule("torch", globals())
 
 __all__ = [
     "GRAM_BLOCK",

@@ -86,10 +86,15 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
-from torch import Tensor
+from dpbr._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:  # imported on first use: validating rule names needs no torch (dpbr._lazy)
+    torch = LazyModule("torch", globals())
 
 from dpbr.errors import UsageError
 from dpbr.registry import Registry, format_term, parse
@@ -288,7 +293,7 @@ class Aggregator:
         state:
             Previous state (centered clipping's center); ignored by stateless rules.
         """
-        if not isinstance(G, Tensor):
+        if not isinstance(G, torch.Tensor):
             raise TypeError(f"aggregation rule {self.name!r} expects a torch.Tensor, got {type(G).__name__}")
         if G.ndim != 2:
             raise ValueError(f"aggregation rule {self.name!r} expects an (n, d) tensor, got shape {tuple(G.shape)}")
@@ -725,10 +730,10 @@ class CenteredClipping(Aggregator):
             center = None
             Y = X
         else:
-            if not isinstance(state, Tensor) or tuple(state.shape) != (d,):
+            if not isinstance(state, torch.Tensor) or tuple(state.shape) != (d,):
                 raise ValueError(
                     f"aggregation rule {self.name!r}: state must be the previous center, a Tensor[{d}], got "
-                    f"{type(state).__name__}{tuple(state.shape) if isinstance(state, Tensor) else ''}"
+                    f"{type(state).__name__}{tuple(state.shape) if isinstance(state, torch.Tensor) else ''}"
                 )
             center = state.to(device=X.device, dtype=X.dtype)
             Y = X - center

@@ -56,10 +56,15 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
-import torch
-from torch import Tensor
+from dpbr._lazy import LazyModule
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:  # imported on first use: validating attack names needs no torch (dpbr._lazy)
+    torch = LazyModule("torch", globals())
 
 from dpbr.errors import UsageError
 from dpbr.registry import Registry, format_term, parse
@@ -396,9 +401,9 @@ class Attack:
             raise UsageError(OPTION, f"attack {self.name!r} needs the aggregation rule: pass aggregator=")
         if self.needs_generator:
             _check_generator(generator, H, self.name)
-        if out is not None and (not isinstance(out, Tensor) or tuple(out.shape) != (f, H.shape[1])):
+        if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (f, H.shape[1])):
             raise UsageError(OPTION, f"out must be a Tensor of shape {(f, H.shape[1])}, got "
-                                     f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+                                     f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
         forged = self._forge(H, f, aggregator=aggregator, generator=generator, own=own, state=state, out=out)
         if out is None or forged.value is out:
             return forged
@@ -729,8 +734,8 @@ class LabelFlipAttack(Attack):
                 OPTION,
                 "label-flip needs the Byzantine workers' own gradients (computed with labels y -> C-1-y): pass own=",
             )
-        if not isinstance(own, Tensor) or tuple(own.shape) != (f, H.shape[1]):
-            shape = tuple(own.shape) if isinstance(own, Tensor) else type(own).__name__
+        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (f, H.shape[1]):
+            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
             raise UsageError(OPTION, f"label-flip: own must have shape ({f}, {H.shape[1]}), got {shape}")
         return Forged(own.to(dtype=H.dtype, device=H.device, copy=True).contiguous())
 
@@ -830,7 +835,7 @@ class MimicAttack(Attack):
 
 
 def _check_honest(H: Any) -> Tensor:
-    if not isinstance(H, Tensor):
+    if not isinstance(H, torch.Tensor):
         raise UsageError(OPTION, f"honest vectors must be a torch.Tensor, got {type(H).__name__}")
     if H.dim() != 2:
         raise UsageError(OPTION, f"honest vectors must be a 2-D (h, d) tensor, got shape {tuple(H.shape)}")
@@ -885,12 +890,12 @@ def _normalise(z: Tensor) -> Tensor:
 
 
 def _aggregate_value(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
+    if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     value = getattr(out, "value", None)
-    if isinstance(value, Tensor):
+    if isinstance(value, torch.Tensor):
         return value
     raise UsageError(OPTION, f"the aggregator returned {type(out).__name__}, expected a Tensor[d]")
 

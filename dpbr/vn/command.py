@@ -187,7 +187,7 @@ def run_vn(cells: list[tuple[str, dict[str, Any] | None, list[Any]]], *, data_di
 def _strategy(strategy: str, model: torch.nn.Module, device: torch.device, batch_size: int, dim: int) -> str:
     """``auto``: the model's closed form when it has one (logit), else ``vmap`` (batched over the
     mini-batches) on CUDA and on the CPU while ``b·d ≤ 10⁷``, a loop of backward passes beyond (where it
-    measured faster on the 2-core CPU, see :func:`dpbr.simulation.choose_strategy` and .notes/VN.md)."""
+    measured faster on the 2-core CPU, see :func:`dpbr.simulation.choose_strategy` and the README's VN section)."""
     if strategy != "auto":
         return strategy
     if hasattr(model, "worker_gradients"):

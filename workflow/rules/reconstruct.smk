@@ -27,7 +27,7 @@ rule reconstruct:
     wildcard_constraints:
         **field_constraints(ReconSpec),
     params:
-        args=lambda wc: lookup(RECON, "reconstruct", ReconSpec, wc).cli_args(),
+        args=lambda wc: shell_args(lookup(RECON, "reconstruct", ReconSpec, wc).cli_args()),
         code_version=CODE_VERSION,
     log:
         os.path.join(LOGS, "reconstruct", cell_id_pattern(ReconSpec) + ".log"),
@@ -37,7 +37,7 @@ rule reconstruct:
         runtime=RECON_RESOURCES["runtime"],
         gpu=RECON_RESOURCES["gpu"],
     shell:
-        "{PYTHON} -m dpbr reconstruct {params.args:q} --out {output.parquet:q} --png {output.png:q}"
+        "{PYTHON} -m dpbr reconstruct {params.args} --out {output.parquet:q} --png {output.png:q}"
         " --data-dir {DATA_DIR_Q} --device {DEVICE} --threads {threads} --quiet > {log:q} 2>&1"
 
 

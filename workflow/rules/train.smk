@@ -12,7 +12,7 @@ rule train:
     """One simulated parameter-server run (REFERENCE §1-2) → `<results>/train/<cell id>.parquet`.
 
     Every value of the cell reaches the job through `params.args` (the spec's own command-line
-    form), and the package/code version through `params.code_version`, so Snakemake's params
+    form, shell-quoted), and the package/code version through `params.code_version`, so Snakemake's params
     trigger reruns exactly the cells whose values changed (a changed value also changes the cell's
     path: it is a new cell). Data folder, device and threads are execution settings, not part of
     the cell. The output is written atomically by dpbr (never half a file); the log is
@@ -26,7 +26,7 @@ rule train:
     wildcard_constraints:
         **field_constraints(RunSpec),
     params:
-        args=lambda wc: lookup(TRAIN, "train", RunSpec, wc).cli_args(),
+        args=lambda wc: shell_args(lookup(TRAIN, "train", RunSpec, wc).cli_args()),
         code_version=CODE_VERSION,
     log:
         os.path.join(LOGS, "train", cell_id_pattern(RunSpec) + ".log"),
@@ -36,5 +36,5 @@ rule train:
         runtime=TRAIN_RESOURCES["runtime"],
         gpu=TRAIN_RESOURCES["gpu"],
     shell:
-        "{PYTHON} -m dpbr train {params.args:q} --out {output:q} --data-dir {DATA_DIR_Q}"
+        "{PYTHON} -m dpbr train {params.args} --out {output:q} --data-dir {DATA_DIR_Q}"
         " --device {DEVICE} --threads {threads} > {log:q} 2>&1"

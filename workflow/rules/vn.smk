@@ -64,7 +64,7 @@ def vn_checkpoint(wildcards):
 def vn_args(wildcards, input):
     spec = lookup(VN, "vn", VNSpec, wildcards)
     where = "init" if spec.run == "init" else os.path.join(trajectory_dir(spec.run), f"step={spec.step}.pt")
-    return [*spec.cli_args(), "--checkpoint", where]
+    return shell_args([*spec.cli_args(), "--checkpoint", where])
 
 
 rule trajectory:
@@ -78,7 +78,7 @@ rule trajectory:
     wildcard_constraints:
         token=r"[0-9a-f]{12}",
     params:
-        args=lambda wc: TRAJECTORIES[wc.token][0].cli_args(),
+        args=lambda wc: shell_args(TRAJECTORIES[wc.token][0].cli_args()),
         steps=lambda wc: ",".join(str(s) for s in TRAJECTORIES[wc.token][1]),
         code_version=CODE_VERSION,
     log:
@@ -89,7 +89,7 @@ rule trajectory:
         runtime=TRAIN_RESOURCES["runtime"],
         gpu=TRAIN_RESOURCES["gpu"],
     shell:
-        "{PYTHON} -m dpbr train {params.args:q} --checkpoint-steps {params.steps} --checkpoint-dir {output.checkpoints:q}"
+        "{PYTHON} -m dpbr train {params.args} --checkpoint-steps {params.steps} --checkpoint-dir {output.checkpoints:q}"
         " --out {output.metrics:q} --data-dir {DATA_DIR_Q} --device {DEVICE} --threads {threads} --quiet > {log:q} 2>&1"
 
 
@@ -114,7 +114,7 @@ rule vn:
         runtime=VN_RESOURCES["runtime"],
         gpu=VN_RESOURCES["gpu"],
     shell:
-        "{PYTHON} -m dpbr vn {params.args:q} --out {output:q} --data-dir {DATA_DIR_Q}"
+        "{PYTHON} -m dpbr vn {params.args} --out {output:q} --data-dir {DATA_DIR_Q}"
         " --device {DEVICE} --threads {threads} --quiet > {log:q} 2>&1"
 
 
