@@ -16,6 +16,7 @@ Examples: ``parse("bucketing(s=2)+krum") == [("bucketing", {"s": 2}), ("krum", {
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -74,7 +75,10 @@ def format_value(v: Any) -> str:
 
 
 def parse(spec: str, *, option: str = "spec") -> list[tuple[str, dict[str, Any]]]:
-    """Split a spec string into ``[(name, params), ...]`` terms.
+    """Split a spec string into ``[(name, params), ...]`` terms (fresh lists and dicts each call).
+
+    The parse of each text is memoised (:func:`_parse_terms`; a grid validates the same few
+    strings thousands of times).
 
     Raises
     ------
@@ -85,6 +89,14 @@ def parse(spec: str, *, option: str = "spec") -> list[tuple[str, dict[str, Any]]
 
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(option, "empty; expected a name such as 'krum' or 'multi-krum(m=4)'")
+    return [(name, dict(params)) for name, params in _parse_terms(spec, option)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_terms(spec: str, option: str) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """The terms of a non-empty spec string, as immutable tuples (see :func:`parse`)."""
+    from dpbr.errors import UsageError
+
     terms: list[tuple[str, dict[str, Any]]] = []
     for raw in _split_top_level(spec, "+"):
         m = _TERM.match(raw)
@@ -104,7 +116,7 @@ def parse(spec: str, *, option: str = "spec") -> list[tuple[str, dict[str, Any]]
                     raise UsageError(option, f"bad parameter name {key!r} in {name!r}")
                 params[key] = parse_value(value)
         terms.append((name, params))
-    return terms
+    return tuple((name, tuple(params.items())) for name, params in terms)
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:
@@ -185,7 +197,7 @@ class Registry(Generic[T]):
 
         key = self.resolve(name)
         factory = self._factories[key]
-        sig = inspect.signature(factory)
+        sig = _signature(factory)
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
         allowed = [p for p in sig.parameters if sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
         unknown = [k for k in params if k not in sig.parameters and not accepts_any]
@@ -206,3 +218,11 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._aliases.get(name.lower(), name.lower()) in self._factories
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(factory: Callable[..., Any]) -> Any:
+    """``inspect.signature(factory)``, memoised (a factory's signature does not change)."""
+    import inspect
+
+    return inspect.signature(factory)

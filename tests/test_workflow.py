@@ -300,6 +300,23 @@ def test_dry_run_counts_test_config(tmp_path):
     assert counts == {"train": 4, "aggregate": 1, "plot": 1, "all": 1, "total": 7}
 
 
+
+def test_only_the_fields_that_vary_are_wildcards(tmp_path):
+    """Fields equal in every cell are written out in the patterns (Snakemake's cost per job grows with
+    the wildcards); the files are still exactly the specs' paths."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                          config_settings=ConfigSettings(configfiles=[REPO / "config" / "config.yaml"]),
+                          snakefile=SNAKEFILE, workdir=tmp_path)
+        rules = {rule.name: rule for rule in wf._workflow.rules}
+        train_wildcards = set(rules["train"].wildcard_names)
+        vn_wildcards = set(rules["vn"].wildcard_names)
+    assert train_wildcards == {"gar", "attack", "epsilon", "sparsify", "batch_size", "byzantine_real"}
+    assert vn_wildcards == {"epsilon", "sparsify", "batch_size"}
+
 def test_without_configfile_the_default_config_is_used(tmp_path):
     counts = snakemake_api(tmp_path, [], dryrun=True)
     assert counts["train"] == 18

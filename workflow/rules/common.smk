@@ -4,7 +4,8 @@
 # validated with its spec's `create`), and every path from the spec itself (`spec.path(root)`, the
 # function `dpbr train` uses), so the workflow and the command line cannot disagree on names.
 # A new section (vn:, reconstruct:) needs: its spec class in SECTION_SPECS, `section_cells(...)`,
-# a rule whose output is `cell_pattern(Spec)`, its targets in `all_targets()`, and its schema.
+# a `CellSection` of its cells, a rule whose output is `section.pattern()`, its targets in
+# `all_targets()`, and its schema.
 
 import functools
 import os
@@ -68,15 +69,38 @@ def section_cells(section, spec_cls=None):
         raise WorkflowError(f"config error: {exc.one_line()}") from None
 
 
-def _wildcard_form(spec_cls, render):
-    """``render(stand_in)`` for a stand-in spec whose every field is the wildcard ``{field}``.
+@functools.cache
+def spec_field_names(spec_cls):
+    """The fields of a spec class, as a tuple."""
+    return tuple(dpbr_grid.spec_fields(spec_cls))
 
-    The stand-in's fields are alphanumeric sentinels (left alone by the spec's path-token
+
+def varying_fields(spec_cls, cells):
+    """The fields whose values differ between the cells (every field when there is no cell).
+
+    Only these become wildcards of a section's patterns; the others are written out as they are in
+    every cell's path. Snakemake's cost per job grows with the number of wildcards (matching,
+    wildcard containers, formatting): the paper grid's training cells vary in 9 of 21 fields.
+    """
+    specs = list(cells.values())
+    if not specs:
+        return spec_field_names(spec_cls)
+    first = specs[0]
+    return tuple(name for name in spec_field_names(spec_cls)
+                 if any(getattr(spec, name) != getattr(first, name) for spec in specs[1:]))
+
+
+def _wildcard_form(spec_cls, cells, render):
+    """``render(stand_in)`` for a stand-in spec whose varying fields are the wildcards ``{field}``
+    and whose other fields are those of the section's cells.
+
+    The stand-in's varying fields are alphanumeric sentinels (left alone by the spec's path-token
     formatting), replaced by ``{field}`` afterwards: the pattern is produced by the spec's own
     ``cell_id``/``path`` code, not rebuilt here.
     """
-    names = dpbr_grid.spec_fields(spec_cls)
-    sentinels = {name: f"QQwildcard{i}QQ" for i, name in enumerate(names)}
+    varying = varying_fields(spec_cls, cells)
+    first = next(iter(cells.values()), None)
+    sentinels = {name: f"QQwildcard{i}QQ" for i, name in enumerate(varying)}
 
     class _StandIn:
         kind = spec_cls.kind
@@ -86,69 +110,71 @@ def _wildcard_form(spec_cls, render):
             return spec_cls.cell_id(self)
 
         def state_token(self):  # ReconSpec names its model state by a token; in a pattern it is the wildcard
-            return self.state
+            return self.state if "state" in sentinels else first.state_token()
 
     stand_in = _StandIn()
-    for name, sentinel in sentinels.items():
-        setattr(stand_in, name, sentinel)
+    for name in spec_field_names(spec_cls):
+        setattr(stand_in, name, sentinels[name] if name in sentinels else getattr(first, name))
     text = str(render(stand_in))
     for name, sentinel in sentinels.items():
         text = text.replace(sentinel, "{" + name + "}")
     return text
 
 
-@functools.cache
-def cell_id_pattern(spec_cls):
-    """The cell id with one wildcard per field: ``dataset={dataset},model={model}/gar={gar},...``.
+class CellSection:
+    """The cells of one configuration section and the Snakemake patterns that name them.
 
-    One wildcard per field, not one for the whole id: a cell id contains commas and is longer than a
-    file name may be, and cluster executors pass wildcards as ``key=value,...`` (Snakemake 9.27 splits
-    that at every comma) and the SLURM plugin names a log folder after the joined wildcards.
-    Field tokens contain neither ``,`` nor ``/`` (``dpbr.spec.path_token``).
+    ``id_pattern`` is the cell id with one wildcard per *varying* field (``seed={seed},...``; fields
+    equal in every cell are written out). One wildcard per field, not one for the whole id: a cell id
+    contains commas and is longer than a file name may be, and cluster executors pass wildcards as
+    ``key=value,...`` (Snakemake 9.27 splits that at every comma) and the SLURM plugin names a log
+    folder after the joined wildcards. Field tokens contain neither ``,`` nor ``/``
+    (``dpbr.spec.path_token``).
     """
-    return _wildcard_form(spec_cls, lambda s: s.cell_id())
 
+    def __init__(self, name, spec_cls, cells):
+        self.name = name
+        self.spec_cls = spec_cls
+        self.cells = cells
+        self.fields = varying_fields(spec_cls, cells)
+        self.id_pattern = _wildcard_form(spec_cls, cells, lambda s: s.cell_id())
 
-def cell_pattern(spec_cls, root=RESULTS, suffix=".parquet"):
-    """Output pattern of a section's cells: ``spec.path(root, suffix)`` with one wildcard per field."""
-    return _wildcard_form(spec_cls, lambda s: spec_cls.path(s, root, suffix))
+    def pattern(self, root=RESULTS, suffix=".parquet"):
+        """Output pattern of the cells: ``spec.path(root, suffix)`` with the wildcards."""
+        return _wildcard_form(self.spec_cls, self.cells, lambda s: self.spec_cls.path(s, root, suffix))
 
+    def log(self):
+        """Log pattern: ``logs/<section>/<cell id>.log``."""
+        return os.path.join(LOGS, self.name, self.id_pattern + ".log")
 
-@functools.cache
-def spec_field_names(spec_cls):
-    """The fields of a spec class (the wildcards of its cell pattern), as a tuple."""
-    return tuple(dpbr_grid.spec_fields(spec_cls))
+    def constraints(self):
+        """Wildcard constraints of the patterns: a field token never contains ``,`` or ``/``."""
+        return {name: r"[^,/]+" for name in self.fields}
 
+    def targets(self, root=RESULTS):
+        """The output files of the cells (``spec.path(root)``), in configuration order."""
+        return [str(spec.path(root)) for spec in self.cells.values()]
 
-def field_constraints(spec_cls):
-    """Wildcard constraints of a cell pattern: a field token never contains ``,`` or ``/``."""
-    return {name: r"[^,/]+" for name in spec_field_names(spec_cls)}
-
-
-def cell_targets(cells, root=RESULTS):
-    """The output files of a section's cells (``spec.path(root)``), in configuration order."""
-    return [str(spec.path(root)) for spec in cells.values()]
-
-
-def lookup(cells, section, spec_cls, wildcards):
-    """The spec of the cell named by a job's wildcards; a file that is not a configured cell is an
-    error, not a guess."""
-    cell = cell_id_pattern(spec_cls).format(**{k: getattr(wildcards, k) for k in spec_field_names(spec_cls)})
-    try:
-        return cells[cell]
-    except KeyError:
-        raise WorkflowError(
-            f"{section} cell {cell!r} is not in the configured grid (every cell's path comes from its "
-            "spec; add it to the config to run it)"
-        ) from None
+    def lookup(self, wildcards):
+        """The spec of the cell named by a job's wildcards; a file that is not a configured cell is an
+        error, not a guess."""
+        cell = self.id_pattern.format(**{k: getattr(wildcards, k) for k in self.fields})
+        try:
+            return self.cells[cell]
+        except KeyError:
+            raise WorkflowError(
+                f"{self.name} cell {cell!r} is not in the configured grid (every cell's path comes from its "
+                "spec; add it to the config to run it)"
+            ) from None
 
 
 TRAIN = section_cells("train")
-TRAIN_FILES = cell_targets(TRAIN)
-VN = section_cells("vn")
-VN_FILES = cell_targets(VN)
+TRAIN_CELLS = CellSection("train", RunSpec, TRAIN)
+TRAIN_FILES = TRAIN_CELLS.targets()
+VN = section_cells("vn")  # with the trajectories' checkpoints added in vn.smk (VN_CELLS)
 RECON = section_cells("reconstruct")
-RECON_FILES = cell_targets(RECON)
+RECON_CELLS = CellSection("reconstruct", ReconSpec, RECON)
+RECON_FILES = RECON_CELLS.targets()
 
 
 # --- datasets ----------------------------------------------------------------------------------

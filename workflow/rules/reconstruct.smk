@@ -20,17 +20,17 @@ rule reconstruct:
     label, success flags) and `.png` (originals above, reconstructions below). Named `reconstruct`
     so that the slurm-gpu profile gives it a GPU."""
     input:
-        lambda wc: [ancient(f) for f in dataset_files(lookup(RECON, "reconstruct", ReconSpec, wc).dataset)],
+        lambda wc: [ancient(f) for f in dataset_files(RECON_CELLS.lookup(wc).dataset)],
     output:
-        parquet=cell_pattern(ReconSpec),
-        png=cell_pattern(ReconSpec, suffix=".png"),
+        parquet=RECON_CELLS.pattern(),
+        png=RECON_CELLS.pattern(suffix=".png"),
     wildcard_constraints:
-        **field_constraints(ReconSpec),
+        **RECON_CELLS.constraints(),
     params:
-        args=lambda wc: shell_args(lookup(RECON, "reconstruct", ReconSpec, wc).cli_args()),
+        args=lambda wc: shell_args(RECON_CELLS.lookup(wc).cli_args()),
         code_version=CODE_VERSION,
     log:
-        os.path.join(LOGS, "reconstruct", cell_id_pattern(ReconSpec) + ".log"),
+        RECON_CELLS.log(),
     threads: RECON_RESOURCES["threads"]
     resources:
         mem_mb=RECON_RESOURCES["mem_mb"],

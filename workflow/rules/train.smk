@@ -4,7 +4,7 @@
 def train_data(wildcards):
     """The dataset cache a cell reads, as an `ancient` input: the job waits for the data job, but a
     re-fetched cache (same verified content, newer time stamp) does not rerun finished cells."""
-    spec = lookup(TRAIN, "train", RunSpec, wildcards)
+    spec = TRAIN_CELLS.lookup(wildcards)
     return [ancient(f) for f in dataset_files(spec.dataset)]
 
 
@@ -22,14 +22,14 @@ rule train:
     input:
         data=train_data,
     output:
-        cell_pattern(RunSpec),
+        TRAIN_CELLS.pattern(),
     wildcard_constraints:
-        **field_constraints(RunSpec),
+        **TRAIN_CELLS.constraints(),
     params:
-        args=lambda wc: shell_args(lookup(TRAIN, "train", RunSpec, wc).cli_args()),
+        args=lambda wc: shell_args(TRAIN_CELLS.lookup(wc).cli_args()),
         code_version=CODE_VERSION,
     log:
-        os.path.join(LOGS, "train", cell_id_pattern(RunSpec) + ".log"),
+        TRAIN_CELLS.log(),
     threads: TRAIN_RESOURCES["threads"]
     resources:
         mem_mb=TRAIN_RESOURCES["mem_mb"],

@@ -47,7 +47,8 @@ def _with_trajectories(cells):
 
 
 VN = _with_trajectories(VN)
-VN_FILES = cell_targets(VN)
+VN_CELLS = CellSection("vn", VNSpec, VN)
+VN_FILES = VN_CELLS.targets()
 
 
 def trajectory_dir(token):
@@ -56,13 +57,13 @@ def trajectory_dir(token):
 
 def vn_checkpoint(wildcards):
     """The checkpoint folder a VN cell reads (none at the initial parameters)."""
-    spec = lookup(VN, "vn", VNSpec, wildcards)
+    spec = VN_CELLS.lookup(wildcards)
     data = [ancient(f) for f in dataset_files(spec.dataset)]
     return data if spec.run == "init" else data + [trajectory_dir(spec.run)]
 
 
 def vn_args(wildcards, input):
-    spec = lookup(VN, "vn", VNSpec, wildcards)
+    spec = VN_CELLS.lookup(wildcards)
     where = "init" if spec.run == "init" else os.path.join(trajectory_dir(spec.run), f"step={spec.step}.pt")
     return shell_args([*spec.cli_args(), "--checkpoint", where])
 
@@ -100,14 +101,14 @@ rule vn:
     input:
         vn_checkpoint,
     output:
-        cell_pattern(VNSpec),
+        VN_CELLS.pattern(),
     wildcard_constraints:
-        **field_constraints(VNSpec),
+        **VN_CELLS.constraints(),
     params:
         args=vn_args,
         code_version=CODE_VERSION,
     log:
-        os.path.join(LOGS, "vn", cell_id_pattern(VNSpec) + ".log"),
+        VN_CELLS.log(),
     threads: VN_RESOURCES["threads"]
     resources:
         mem_mb=VN_RESOURCES["mem_mb"],
