@@ -4,7 +4,8 @@
 # /etc/slurm/slurm.conf and runs munged, slurmctld and slurmd as daemons).
 #
 #   scripts/slurm-local.sh start    install what is missing, configure, start, wait until idle
-#   scripts/slurm-local.sh stop     stop every daemon this script started (safe when none runs)
+#   scripts/slurm-local.sh stop     stop every daemon this script started (safe when none runs);
+#                                   client commands then fail at once (MessageTimeout=1)
 #   scripts/slurm-local.sh status   one line per daemon + sinfo; exit 0 only when the node is usable
 #   scripts/slurm-local.sh purge    stop, then delete the state directory and our slurm.conf
 #
@@ -286,8 +287,18 @@ stop_slurm_daemons() {
     stop_pidfile "$DIR/run/slurmctld.pid" slurmctld
 }
 
+# With the daemons down, make SLURM's client commands fail at once: they retry the controller
+# for MessageTimeout - 1 seconds (9 s by default), and the Snakemake SLURM executor plugin runs
+# `scontrol show config` at every Snakemake start, so every `snakemake` on this machine would
+# wait that long. `start` installs the full configuration again.
+conf_for_stopped() {
+    if [[ -w $CONF ]] && grep -qF "$MARKER" "$CONF" && ! grep -qx 'MessageTimeout=1' "$CONF"; then
+        printf '# the daemons are stopped (%s stop): fail fast\nMessageTimeout=1\n' "$0" >>"$CONF"
+    fi
+}
+
 cmd_stop() {
-    [[ -d $DIR/run ]] || { log "nothing to stop ($DIR/run absent)"; return 0; }
+    [[ -d $DIR/run ]] || { conf_for_stopped; log "nothing to stop ($DIR/run absent)"; return 0; }
     need_root
     # Job processes (slurmstepd and children) outlive slurmd by design: cancel every
     # job first and give them a moment to end, so nothing keeps running afterwards.
@@ -301,6 +312,7 @@ cmd_stop() {
     fi
     stop_slurm_daemons
     stop_pidfile "$DIR/run/munged.pid" munged
+    conf_for_stopped
     return 0
 }
 
