@@ -95,6 +95,28 @@ def python_speed(loops: int = 10_000_000) -> float:
     return time.perf_counter() - start
 
 
+def perf_counts(cmd: list[str], cwd: Path, env: dict[str, str] | None) -> tuple[float, float] | None:
+    """``(instructions, CPU seconds)`` of one run of ``cmd`` under ``perf stat``, or None without perf.
+
+    Instructions retired hardly depend on the machine's neighbours (wall and CPU time do, up to
+    threefold here): the figure to compare between versions of the workflow.
+    """
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".csv") as out:
+        proc = subprocess.run([perf, "stat", "-x,", "-e", "instructions,task-clock", "-o", out.name, *cmd], cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, timeout=1800)
+        values = {}
+        for line in Path(out.name).read_text().splitlines():
+            parts = line.split(",")
+            if len(parts) > 2 and parts[0].replace(".", "", 1).isdigit():
+                values[parts[2]] = float(parts[0])
+    if proc.returncode != 0 or "instructions" not in values or "task-clock" not in values:
+        return None
+    return values["instructions"], values["task-clock"] / 1000.0
+
+
 def fake_probe_env(work: Path) -> dict[str, str] | None:
     """An environment whose ``scontrol`` fails at once, where SLURM's client tools are installed.
 
@@ -142,6 +164,10 @@ def main() -> None:
         jobs = total_jobs(out)
         rows.append((f"dry run, paper grid ({jobs} jobs){note}", f"{paper:.2f} s"))
         rows.append(("  per job beyond start-up", f"{1000 * (paper - startup) / jobs:.2f} ms"))
+        counted = perf_counts(snakemake(work, "-n", "--quiet", "rules", "--configfile", paper_cfg), work, env)
+        if counted is not None:
+            rows.append(("  the same, CPU instructions and CPU time (`perf stat`, 1 run)",
+                         f"{counted[0] / 1e9:.1f} G, {counted[1]:.2f} s"))
         if env is not None:
             probed, _ = median_wall(snakemake(work, "-n", "--quiet", "rules", "--configfile", paper_cfg), work, 1)
             rows.append(("dry run, paper grid, with the SLURM probe waiting (1 run)", f"{probed:.2f} s"))

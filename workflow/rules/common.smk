@@ -18,7 +18,7 @@ from dpbr.errors import UsageError
 from dpbr.registry import parse as parse_spec_string
 from dpbr.report import grid as dpbr_grid
 from dpbr.report import layout
-from dpbr.spec import ReconSpec, RunSpec, VNSpec
+from dpbr.spec import ReconSpec, RunSpec, VNSpec, path_token
 from snakemake.exceptions import WorkflowError
 
 
@@ -221,6 +221,34 @@ def dataset_files(dataset):
     if is_generated(dataset):
         return ()
     return tuple(str(p) for p in dpbr_data.cache_paths(dataset, DATA_DIR))
+
+
+def data_inputs(section):
+    """The dataset cache files a section's jobs read, as `ancient` inputs (a job waits for the data
+    job, but a re-fetched cache — same verified content, newer time stamp — reruns nothing).
+
+    Plain paths or patterns where they can be: one literal pair when every cell uses the same stored
+    dataset, ``<data dir>/{dataset}.npz``/``.json`` when the cells' datasets differ and each cache
+    file is named by the dataset's path token (``mnist``, ``phishing``). Otherwise (generated data,
+    other names) a function of the job's cell. Snakemake calls and inspects an input function once
+    per job, which costs as much as the rest of the job's entry in a dry run.
+    """
+    datasets = {spec.dataset for spec in section.cells.values()}
+    if datasets and not any(is_generated(name) for name in datasets):
+        if "dataset" not in section.fields:
+            (name,) = datasets
+            return [ancient(f) for f in dataset_files(name)]
+        patterns = tuple(os.path.join(DATA_DIR, "{dataset}" + ext) for ext in (".npz", ".json"))
+        if "{" not in DATA_DIR and "}" not in DATA_DIR and all(
+            dataset_files(name) == tuple(str(p.format(dataset=path_token(name))) for p in patterns)
+            for name in datasets
+        ):
+            return [ancient(p) for p in patterns]
+
+    def cell_data(wildcards):
+        return [ancient(f) for f in dataset_files(section.lookup(wildcards).dataset)]
+
+    return cell_data
 
 
 # --- figures -----------------------------------------------------------------------------------

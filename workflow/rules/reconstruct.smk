@@ -20,7 +20,7 @@ rule reconstruct:
     label, success flags) and `.png` (originals above, reconstructions below). Named `reconstruct`
     so that the slurm-gpu profile gives it a GPU."""
     input:
-        lambda wc: [ancient(f) for f in dataset_files(RECON_CELLS.lookup(wc).dataset)],
+        data_inputs(RECON_CELLS),
     output:
         parquet=RECON_CELLS.pattern(),
         png=RECON_CELLS.pattern(suffix=".png"),

@@ -1,13 +1,6 @@
 # Training cells: one `dpbr train` job per cell of the `train:` grid.
 
 
-def train_data(wildcards):
-    """The dataset cache a cell reads, as an `ancient` input: the job waits for the data job, but a
-    re-fetched cache (same verified content, newer time stamp) does not rerun finished cells."""
-    spec = TRAIN_CELLS.lookup(wildcards)
-    return [ancient(f) for f in dataset_files(spec.dataset)]
-
-
 rule train:
     """One simulated parameter-server run (REFERENCE §1-2) → `<results>/train/<cell id>.parquet`.
 
@@ -20,7 +13,7 @@ rule train:
     to rules of that name.
     """
     input:
-        data=train_data,
+        data=data_inputs(TRAIN_CELLS),
     output:
         TRAIN_CELLS.pattern(),
     wildcard_constraints:
