@@ -126,7 +126,6 @@ def train_cmd(
 ) -> None:
     """Run one simulated parameter-server cell on real data and write one Parquet row per step."""
     from dpbr.spec import RunSpec
-    from dpbr.train import train
 
     options: dict[str, Any] = dict(
         dataset=dataset, model=model, workers=workers, byzantine=byzantine, batch_size=batch_size, steps=steps,
@@ -136,9 +135,10 @@ def train_cmd(
     for key, value in (("byzantine_real", byzantine_real), ("lr", lr), ("momentum", momentum), ("clip", clip)):
         if value is not None:
             options[key] = value
-    spec = RunSpec.create(**options)
+    spec = RunSpec.create(**options)  # before importing torch: a bad option is reported at once
     target = out if out is not None else spec.path("results")
     ckpts = _steps_list(checkpoint_steps, "--checkpoint-steps")
+    from dpbr.train import train
     update, close = make_progress(f"train {spec.gar}/{spec.attack} b={spec.batch_size}", spec.steps, quiet)
     try:
         path = train(spec, out=target, data_dir=data_dir, device=device, threads=threads, strategy=grad_strategy,
@@ -282,13 +282,14 @@ def reconstruct_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Reconstruct training images from the gradient a worker shares (DLG, iDLG, Inverting Gradients) and score them."""
-    from dpbr.inversion.run import reconstruct
     from dpbr.spec import ReconSpec
 
     spec = ReconSpec.create(attack=attack, model=model, dataset=dataset, normalize=normalize, state=state, batch_size=batch_size,
                             defence=defence, labels=labels, iterations=iterations, restarts=restarts, lr=lr, tv=tv,
                             seed=seed)
     target = out if out is not None else spec.path("results")
+    from dpbr.inversion.run import reconstruct  # torch: after the options are checked
+
     update, close = make_progress(f"reconstruct {spec.attack} b={spec.batch_size}", spec.iterations, quiet)
     try:
         path, image = reconstruct(spec, out=target, png=png, data_dir=data_dir, device=device, threads=threads,

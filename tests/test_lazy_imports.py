@@ -81,3 +81,23 @@ def test_lazy_module_leaves_a_rebound_name_alone():
     lazy = LazyModule("math", namespace, "special")
     assert lazy.sqrt(4.0) == 2.0
     assert namespace["special"] == "user value"  # not ours to replace
+
+
+def test_a_bad_option_is_reported_before_torch_is_imported():
+    out = _run("""
+        import contextlib, io, sys
+        from dpbr.cli import main
+        for args in (["train", "--gar", "kurm", "--out", "never.parquet"],
+                     ["reconstruct", "--attack", "dlgg", "--out", "never.parquet"]):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    main(args)
+                except SystemExit as exc:
+                    code = exc.code
+            lines = err.getvalue().strip().splitlines()
+            print(code, len(lines), lines[0].split(":")[2].strip())
+        print("torch" in sys.modules)
+    """)
+    assert out.splitlines() == ["2 1 --gar", "2 1 --attack", "False"]
+    assert not (REPO / "never.parquet").exists()
