@@ -907,3 +907,39 @@ def test_public_callable_signature_matches_the_interface():
     assert isinstance(out, A.Aggregation)
     with pytest.raises(Exception):
         out.value = None  # frozen
+
+
+# ----------------------------------------------------------------------------------------------- #
+# A Gram matrix given by the caller (gram=)
+
+
+@pytest.mark.parametrize("spec", ["mda", "krum", "multi-krum", "bulyan"])
+def test_given_gram_gives_the_same_aggregate(spec):
+    n, f = 11, 2
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(n, 50, generator=gen, dtype=torch.float64)
+    G[8:] = G[7]  # copies, as the omniscient attacks send them
+    rule = A.get(spec)
+    assert rule.uses_gram
+    direct = rule.aggregate(G, f)
+    given = rule.aggregate(G, f, gram=G @ G.T)
+    torch.testing.assert_close(given.value, direct.value, rtol=0, atol=1e-12)
+    assert torch.equal(given.selected, direct.selected)
+
+
+def test_gram_decides_for_the_rules_that_use_it_and_is_ignored_by_the_others():
+    G = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    wrong = torch.zeros(7, 7, dtype=torch.float64)  # all distances 0: every subset ties
+    assert torch.equal(A.get("mda").aggregate(G, 2, gram=wrong).selected,
+                       torch.tensor([True] * 5 + [False] * 2))  # the first subset: the rule trusts gram
+    for spec in ("average", "median", "trimmed-mean", "bucketing(s=2)+mda"):
+        rule = A.get(spec)
+        assert not rule.uses_gram
+        torch.testing.assert_close(rule.aggregate(G, 1, gram=wrong, generator=torch.Generator().manual_seed(1)).value,
+                                   rule.aggregate(G, 1, generator=torch.Generator().manual_seed(1)).value)
+
+
+def test_a_gram_of_the_wrong_shape_is_refused():
+    G = torch.randn(7, 5)
+    with pytest.raises(ValueError, match="gram must be a floating \\(7, 7\\) tensor"):
+        A.get("krum").aggregate(G, 1, gram=torch.zeros(6, 6))

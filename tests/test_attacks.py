@@ -554,3 +554,17 @@ def test_mimic_auto_bad_state():
 def test_mimic_auto_constant_honest_vectors():
     out = attacks.get("mimic(target=auto)").forge(torch.ones(4, 3), 2)
     assert torch.isfinite(out.value).all() and torch.isfinite(out.state.direction).all()
+
+
+@pytest.mark.parametrize("spec", ["little", "little(factor=zmax)", "empire", "sign-flip"])
+def test_copies_flag_means_every_row_is_the_same_vector(spec):
+    H = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
+    forged = attacks.get(spec).forge(H, 5, out=torch.empty(5, 40))
+    assert forged.copies
+    assert all(torch.equal(row, forged.value[0]) for row in forged.value)
+
+
+def test_attacks_with_different_rows_do_not_claim_copies():
+    H = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
+    forged = attacks.get("gaussian").forge(H, 5, generator=torch.Generator().manual_seed(0))
+    assert not forged.copies and not torch.equal(forged.value[0], forged.value[1])

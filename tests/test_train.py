@@ -323,3 +323,15 @@ def test_windowed_and_per_step_runs_give_the_same_trajectory_and_metrics(monkeyp
     assert windowed.steps_done == per_step.steps_done == 23
     torch.testing.assert_close(windowed.metrics, per_step.metrics, rtol=1e-5, atol=1e-7, equal_nan=True)
     assert windowed.evaluations == per_step.evaluations  # the same θ, bit for bit
+
+
+def test_copies_gram_is_the_gram_matrix_of_the_stack():
+    from dpbr.simulation import copies_gram
+
+    G = torch.randn(11, 9_000, generator=torch.Generator().manual_seed(5))
+    G[7:] = G[6]  # rows 6..10: one vector and its copies (h = 6)
+    exact = G.double() @ G.double().T
+    K = copies_gram(G, 6)
+    assert K.dtype == torch.float32 and K.shape == (11, 11)
+    torch.testing.assert_close(K.double(), exact, rtol=1e-6, atol=1e-6 * float(exact.diagonal().max()))
+    assert torch.equal(K[6:, 6:], K[6, 6].expand(5, 5))  # distances between copies are exactly 0

@@ -206,6 +206,9 @@ class Aggregator:
 
     key: ClassVar[str] = ""
     selects: ClassVar[bool] = False
+    #: Whether the rule works from the Gram matrix ``G Gᵀ`` of its whole input (Krum, Multi-Krum,
+    #: MDA, Bulyan): a caller that already has it may pass it as ``gram=`` to :meth:`aggregate`.
+    uses_gram: ClassVar[bool] = False
     """Whether :attr:`Aggregation.selected` is a row mask (``True``) or ``None``."""
 
     def __init__(self) -> None:
@@ -278,7 +281,8 @@ class Aggregator:
     # -- aggregation --------------------------------------------------------------------------- #
 
     def aggregate(
-        self, G: Tensor, f: int, *, generator: torch.Generator | None = None, state: Any = None
+        self, G: Tensor, f: int, *, generator: torch.Generator | None = None, state: Any = None,
+        gram: Tensor | None = None,
     ) -> Aggregation:
         """Aggregate the rows of ``G`` (``n × d``) tolerating ``f`` Byzantine rows.
 
@@ -292,6 +296,11 @@ class Aggregator:
             Source of randomness (bucketing); the global RNG when ``None``.
         state:
             Previous state (centered clipping's center); ignored by stateless rules.
+        gram:
+            ``G Gᵀ`` (``n × n``, float32 or float64) when the caller has it — e.g. from fewer rows when
+            several rows of ``G`` are copies of one vector, as omniscient attacks send them; used by
+            the rules with :attr:`uses_gram`, ignored by the others. It must be the Gram matrix of
+            ``G`` (the rules trust it).
         """
         if not isinstance(G, torch.Tensor):
             raise TypeError(f"aggregation rule {self.name!r} expects a torch.Tensor, got {type(G).__name__}")
@@ -300,6 +309,11 @@ class Aggregator:
         if not G.is_floating_point():
             raise TypeError(f"aggregation rule {self.name!r} expects a floating-point tensor, got {G.dtype}")
         self.check(G.shape[0], f)
+        if gram is not None and self.uses_gram:
+            n = G.shape[0]
+            if not isinstance(gram, torch.Tensor) or tuple(gram.shape) != (n, n) or not gram.is_floating_point():
+                raise ValueError(f"aggregation rule {self.name!r}: gram must be a floating ({n}, {n}) tensor")
+            return self._aggregate(G, int(f), generator, state, gram)
         return self._aggregate(G, int(f), generator, state)
 
     def __call__(
@@ -319,9 +333,10 @@ class Aggregator:
 # Helpers shared by the rules
 
 
-def _distances(G: Tensor) -> Tensor:
-    """``D²`` of the rows of ``G`` from one Gram matrix (see :func:`_geometry.sqdist`)."""
-    return geo.squared_distances(geo.gram(geo.compute_view(G)))
+def _distances(G: Tensor, gram: Tensor | None = None) -> Tensor:
+    """``D²`` of the rows of ``G`` from one Gram matrix (``gram`` when given, see :meth:`Aggregator.aggregate`;
+    :func:`_geometry.squared_distances`)."""
+    return geo.squared_distances(geo.gram(geo.compute_view(G)) if gram is None else gram)
 
 
 def _krum_scores(D2: Tensor, k: int) -> Tensor:
@@ -402,6 +417,7 @@ class MultiKrum(Aggregator):
 
     key = "multi-krum"
     selects = True
+    uses_gram = True
 
     def __init__(self, m: int | None = None) -> None:
         self.m = None if m is None else _positive_int(m, "m")
@@ -421,9 +437,9 @@ class MultiKrum(Aggregator):
     def _vn(self, n, f):
         return krum_vn_bound(n, f) if self._m(n, f) <= n - f - 2 else None
 
-    def _aggregate(self, G, f, generator, state):
+    def _aggregate(self, G, f, generator, state, gram=None):
         n = G.shape[0]
-        D2 = _distances(G)
+        D2 = _distances(G, gram)
         scores = _krum_scores(D2, n - f - 2)
         m = self._m(n, f)
         if m == 1:
@@ -542,6 +558,7 @@ class MDA(Aggregator):
 
     key = "mda"
     selects = True
+    uses_gram = True
     TIES = ("tightest", "first")
 
     def __init__(self, ties: str = "tightest") -> None:
@@ -571,9 +588,9 @@ class MDA(Aggregator):
     def _vn(self, n, f):
         return math.inf if f == 0 else (n - f) / (math.sqrt(8.0) * f)
 
-    def _aggregate(self, G, f, generator, state):
+    def _aggregate(self, G, f, generator, state, gram=None):
         n = G.shape[0]
-        D2 = _distances(G)
+        D2 = _distances(G, gram)
         members, pairs = geo.mda_tables(n, f, str(D2.device))
         within = D2.view(-1).index_select(0, pairs.view(-1)).view(pairs.shape)  # (pairs, subsets)
         diameters = within.amax(dim=0)
@@ -601,6 +618,7 @@ class Bulyan(Aggregator):
 
     key = "bulyan"
     selects = True
+    uses_gram = True
 
     def _clauses(self):
         return [("4f + 3", lambda f: 4 * f + 3)]
@@ -608,10 +626,10 @@ class Bulyan(Aggregator):
     def _vn(self, n, f):
         return krum_vn_bound(n, f)
 
-    def _aggregate(self, G, f, generator, state):
+    def _aggregate(self, G, f, generator, state, gram=None):
         n = G.shape[0]
         theta, beta = n - 2 * f, n - 4 * f
-        D2 = _distances(G)
+        D2 = _distances(G, gram)
         dev = D2.device
         huge = torch.finfo(D2.dtype).max
         eye = torch.eye(n, dtype=torch.bool, device=dev)

@@ -107,11 +107,16 @@ class Forged:
     info:
         Plain facts about this step worth logging, e.g. ``{"factor": 2.6, "evaluations": 16}`` for a
         factor attack. Never read back by the attack.
+    copies:
+        True when every row of ``value`` is the same vector (ALIE, IPM, sign flip, …): a caller may
+        then compute distances and Gram matrices over one of them (see
+        :meth:`dpbr.robust.aggregators.Aggregator.aggregate`'s ``gram``).
     """
 
     value: Tensor
     state: Any = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    copies: bool = False
 
 
 @dataclass(frozen=True)
@@ -408,7 +413,7 @@ class Attack:
         if out is None or forged.value is out:
             return forged
         out.copy_(forged.value)
-        return Forged(out, forged.state, forged.info)
+        return Forged(out, forged.state, forged.info, forged.copies)
 
     def _forge(
         self,
@@ -445,7 +450,7 @@ class NoAttack(Attack):
         super().__init__()
 
     def _forge(self, H, f, **_: Any) -> Forged:
-        return Forged(_rows(_mean(H), f, H.dtype))
+        return Forged(_rows(_mean(H), f, H.dtype), copies=True)
 
 
 @_registry.register("nan")
@@ -528,7 +533,7 @@ class _FactorAttack(Attack):
             x = self._fixed_factor(H.shape[0], f)
             info = {"factor": x}
         vector = self._combine(mu, direction, sign * x)
-        return Forged(_rows(vector, f, H.dtype, out), None, info)
+        return Forged(_rows(vector, f, H.dtype, out), None, info, copies=True)
 
 
 @_registry.register("little", "alie")
@@ -664,7 +669,7 @@ class SignFlipAttack(Attack):
         super().__init__(scale=_as_float("scale", scale))
 
     def _forge(self, H, f, **_: Any) -> Forged:
-        return Forged(_rows(_mean(H).mul_(-self.params["scale"]), f, H.dtype))
+        return Forged(_rows(_mean(H).mul_(-self.params["scale"]), f, H.dtype), copies=True)
 
 
 @_registry.register("gaussian")
@@ -792,7 +797,7 @@ class MimicAttack(Attack):
         if target != "auto":
             if target >= h:
                 raise UsageError(OPTION, f"mimic: target {target} is not an honest row (h = {h})")
-            return Forged(_rows(H[target], f, H.dtype), state)
+            return Forged(_rows(H[target], f, H.dtype), state, copies=True)
         return self._auto(H, f, state)
 
     def _auto(self, H: Tensor, f: int, state: MimicState | None) -> Forged:
