@@ -38,9 +38,9 @@ class LazyModule:
     __slots__ = ("_name", "_namespace", "_alias")
 
     def __init__(self, name: str, namespace: MutableMapping[str, Any], alias: str | None = None) -> None:
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_namespace", namespace)
-        object.__setattr__(self, "_alias", alias or name.rsplit(".", 1)[-1])
+        self._name = name
+        self._namespace = namespace
+        self._alias = alias or name.rsplit(".", 1)[-1]
 
     def load(self) -> ModuleType:
         """Import the module (once; Python caches it), bind it in the namespace and return it."""
@@ -51,9 +51,6 @@ class LazyModule:
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.load(), attr)
-
-    def __setattr__(self, attr: str, value: Any) -> None:
-        setattr(self.load(), attr, value)
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}>"

@@ -488,6 +488,10 @@ class Simulation:
                           selected=self.rule.selects and f_real > 0)
         mechanism, attack, rule = self.mechanism, self.attack, self.rule
         momentum = torch.tensor(spec.momentum, dtype=self.dtype, device=dev)  # 0-d: no conversion per step
+        # the rule's Gram matrix over the h + 1 distinct rows when the attack sends f copies of one
+        # vector (ALIE, IPM, …): worth it for large models only (for small ones a step is per-operation
+        # overhead, and the expansion adds two operations)
+        share_gram = rule.uses_gram and f_real > 1 and not small
         if checkpoint is not None and 0 in checkpoint_steps:
             checkpoint(0, theta)
         if spec.eval_every > 0:
@@ -528,8 +532,7 @@ class Simulation:
                                       own=own, state=attack_state, out=slot.byz)
                 attack_state = forged.state
             timer.mark()
-            # f copies of one vector (ALIE, IPM, …): the rule's Gram matrix from h + 1 rows, not n
-            gram = copies_gram(stacked, h) if rule.uses_gram and f_real > 1 and forged.copies else None
+            gram = copies_gram(stacked, h) if share_gram and forged.copies else None
             agg = rule.aggregate(stacked, spec.byzantine, generator=self.gar_gen, state=gar_state, gram=gram)
             gar_state = agg.state
             timer.mark()
