@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dpbr  # noqa: E402,F401  (before torch: its OpenMP setting, dpbr.OPENMP_SPIN_COUNT)
+import torch  # noqa: E402
 
 from dpbr.robust import _geometry as geo  # noqa: E402
 from dpbr.robust import aggregators as A  # noqa: E402

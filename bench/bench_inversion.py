@@ -42,11 +42,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import dpbr  # noqa: E402,F401  (before torch: its OpenMP setting, dpbr.OPENMP_SPIN_COUNT)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from dpbr import data  # noqa: E402
 from dpbr.inversion import metrics  # noqa: E402

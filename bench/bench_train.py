@@ -43,10 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dpbr  # noqa: E402,F401  (before torch, as the dpbr command: its OpenMP setting, dpbr.OPENMP_SPIN_COUNT)
+import torch  # noqa: E402
 
 from reference_lpd import ReferenceServer  # noqa: E402
 

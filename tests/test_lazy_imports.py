@@ -101,3 +101,19 @@ def test_a_bad_option_is_reported_before_torch_is_imported():
     """)
     assert out.splitlines() == ["2 1 --gar", "2 1 --attack", "False"]
     assert not (REPO / "never.parquet").exists()
+
+
+def test_importing_dpbr_sets_the_openmp_spin_count_unless_the_environment_has_one():
+    out = _run("""
+        import os
+        os.environ.pop("GOMP_SPINCOUNT", None)
+        import dpbr
+        print(os.environ["GOMP_SPINCOUNT"], dpbr.OPENMP_SPIN_COUNT)
+    """)
+    assert out == "30000 30000"
+    assert _run("""
+        import os
+        os.environ["GOMP_SPINCOUNT"] = "7"
+        import dpbr
+        print(os.environ["GOMP_SPINCOUNT"])
+    """) == "7"

@@ -202,6 +202,45 @@ def test_gaussian_per_worker_generators_reproduce_and_are_independent():
     assert torch.equal(same[0], same[1])
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("kind", ["normal", "uniform"])
+def test_rows_drawn_in_parallel_threads_equal_the_rows_drawn_in_turn(threads, kind, monkeypatch):
+    # rows long enough for the threaded path; 5 rows over 2 or 3 threads (uneven parts)
+    h, d = 5, M.PARALLEL_DRAW_MIN + 3
+    want = torch.stack([
+        (torch.empty(d).normal_(1.0, 2.0, generator=g) if kind == "normal" else torch.empty(d).uniform_(1.0, 2.0, generator=g))
+        for g in gens(h, 40)])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        calls = []
+        real = M._draw_rows_parallel
+        monkeypatch.setattr(M, "_draw_rows_parallel", lambda *a: calls.append(a[-1]) or real(*a))
+        got = M._fill(torch.empty(h, d), kind, gens(h, 40), "test", 1.0, 2.0)
+        # the simulation's buffers are inference tensors: the threads must write them in inference mode
+        with torch.inference_mode():
+            buf = torch.empty(h, d)
+            M._fill(buf, kind, gens(h, 40), "test", 1.0, 2.0)
+    finally:
+        torch.set_num_threads(previous)
+    assert calls == [threads, threads]
+    assert torch.equal(got, want) and torch.equal(buf, want)
+
+
+def test_short_rows_and_one_thread_are_drawn_in_turn(monkeypatch):
+    monkeypatch.setattr(M, "_draw_rows_parallel", lambda *a: pytest.fail("threaded draw"))
+    out = M._fill(torch.empty(3, M.PARALLEL_DRAW_MIN - 1), "normal", gens(3, 7), "test")
+    assert torch.equal(out[1], torch.randn(M.PARALLEL_DRAW_MIN - 1, generator=torch.Generator().manual_seed(8)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        M._fill(torch.empty(3, M.PARALLEL_DRAW_MIN - 1), "normal", gens(3, 7), "test")  # short rows
+        torch.set_num_threads(1)
+        M._fill(torch.empty(3, M.PARALLEL_DRAW_MIN), "normal", gens(3, 7), "test")  # one thread
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gaussian_single_generator_draws_the_block():
     G = torch.randn(3, 50)
     out = M.get("gaussian", sigma=0.5)(G, generator=torch.Generator().manual_seed(3))
