@@ -46,28 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from dpbr import rng
-from dpbr.robust._geometry import GRAM_BLOCK, compute_view
-from dpbr.robust._geometry import gram as geo_gram
+from dpbr.robust._geometry import compute_view
 from dpbr.errors import UsageError
 from dpbr.spec import RunSpec
+from dpbr.step_metrics import STEP_COLUMNS, distinct_gram, gram_step_metrics, window_metrics
 
 __all__ = ["GradientOracle", "RunResult", "Simulation", "STEP_COLUMNS", "StepBuffers", "WINDOW_MAX_ENTRIES",
            "choose_strategy", "window_metrics"]
-
-#: Per-step metric columns, in the order they are recorded (see :meth:`Simulation.run`).
-STEP_COLUMNS: tuple[str, ...] = (
-    "train_loss",            # mean over honest workers of their mini-batch loss
-    "honest_norm",           # ‖ḡ‖, ḡ = mean of the honest gradients as sent (after privacy)
-    "honest_deviation",      # sqrt(Σ_i ‖g_i − ḡ‖² / (h − 1)) of the honest gradients as sent
-    "vn_ratio",              # honest_deviation / honest_norm (the per-step variance-to-norm ratio)
-    "honest_norm_clean",     # ‖ḡ‖ before the privacy mechanisms (after clipping)
-    "honest_deviation_clean",  # deviation before the privacy mechanisms (after clipping)
-    "aggregate_norm",        # ‖GAR(...)‖
-    "cos_aggregate_honest",  # cos(GAR(...), ḡ)
-    "cos_aggregate_attack",  # cos(GAR(...), mean of the Byzantine vectors); NaN without attack
-    "param_distance",        # ‖θ_t − θ_0‖ after the update
-    "byzantine_selected",    # fraction of Byzantine rows the rule selected (selecting rules), else NaN
-)
 
 _DIVERGENCE_COLUMNS = [STEP_COLUMNS.index("train_loss"), STEP_COLUMNS.index("aggregate_norm")]
 
@@ -492,6 +477,10 @@ class Simulation:
         # vector (ALIE, IPM, …): worth it for large models only (for small ones a step is per-operation
         # overhead, and the expansion adds two operations)
         share_gram = rule.uses_gram and f_real > 1 and not small
+        # and the step's metrics from it where the aggregate is the mean of the selected rows (on the
+        # CPU: the precision checks read the small matrix on the host); large models have windows of
+        # one step, so a step that falls back to the vectors never mixes with one that did not
+        metrics_from_gram = share_gram and rule.averages_selected and dev.type == "cpu"
         if checkpoint is not None and 0 in checkpoint_steps:
             checkpoint(0, theta)
         if spec.eval_every > 0:
@@ -532,15 +521,23 @@ class Simulation:
                                       own=own, state=attack_state, out=slot.byz)
                 attack_state = forged.state
             timer.mark()
-            gram = copies_gram(stacked, h) if share_gram and forged.copies else None
+            gram, gram_distinct = copies_gram(stacked, h) if share_gram and forged.copies else (None, None)
             agg = rule.aggregate(stacked, spec.byzantine, generator=self.gar_gen, state=gar_state, gram=gram)
             gar_state = agg.state
             timer.mark()
             momentum_buf.mul_(momentum).add_(agg.value)
             theta.add_(momentum_buf, alpha=-spec.lr)
-            buf.record(k, losses, agg.value, agg.selected, theta, self.theta0)
-            if k == window - 1 or s + 1 == steps:
-                metrics[s - k:s + 1] = buf.metrics(k + 1)
+            row = None
+            if gram_distinct is not None and metrics_from_gram:
+                torch.sub(theta, self.theta0, out=slot.displacement)
+                row = gram_step_metrics(losses, gram_distinct, agg.selected, clean if buf.clean is not None else None,
+                                        slot.displacement, mean_out=buf.vectors[0, 0], scratch=buf.scratch[0])
+            if row is not None:
+                metrics[s:s + 1] = row
+            else:
+                buf.record(k, losses, agg.value, agg.selected, theta, self.theta0)
+                if k == window - 1 or s + 1 == steps:
+                    metrics[s - k:s + 1] = buf.metrics(k + 1)
             timer.mark()
             timer.end()
             done = s + 1
@@ -576,18 +573,22 @@ class Simulation:
         )
 
 
-def copies_gram(G: Tensor, h: int) -> Tensor:
-    """``G Gᵀ`` of an ``(n, d)`` stack whose rows ``h, …, n − 1`` are copies of row ``h``: the Gram
-    matrix of the first ``h + 1`` rows (:func:`dpbr.robust._geometry.gram`), expanded to ``n × n``.
+def copies_gram(G: Tensor, h: int) -> tuple[Tensor, Tensor]:
+    """``G Gᵀ`` of an ``(n, d)`` stack whose rows ``h, …, n − 1`` are copies of row ``h``, from its
+    first ``h + 1`` rows: ``(K, K_distinct)`` — ``K`` the ``n × n`` matrix for the rule (in ``G``'s
+    compute precision, float32 for float32 rows), ``K_distinct`` the float64 ``(h + 1) × (h + 1)``
+    Gram matrix of the distinct rows (:func:`dpbr.step_metrics.distinct_gram`), from which the step's
+    metrics follow (:func:`dpbr.step_metrics.gram_step_metrics`).
 
     ``(h + 1)²`` instead of ``n²`` products of ``d``-vectors: 7² against 11² for the study's
     ``n = 11, f = 5`` (the one costly operation of MDA at d = 431,080). Entries between copies are
     those of row ``h`` with itself, so distances between copies are exactly 0.
     """
     n = G.shape[0]
-    K = geo_gram(compute_view(G[: h + 1]))
-    idx = _copies_index(n, h, K.device)
-    return K.index_select(0, idx).index_select(1, idx)
+    X = compute_view(G)
+    K64 = distinct_gram(X, h)
+    idx = _copies_index(n, h, K64.device)
+    return K64.to(X.dtype).index_select(0, idx).index_select(1, idx), K64
 
 
 @functools.lru_cache(maxsize=16)
@@ -691,106 +692,3 @@ class StepBuffers:
             self.stacked[:count, h:] if self.f > 0 else None,
             None if self.selected is None else self.selected[:count],
             self.vectors[:count], scratch=self.scratch[:count])
-
-
-#: Rows (numbers) from which the deviation may come from ``Σ‖g_i‖² − h‖ḡ‖²`` (see :func:`window_metrics`).
-IDENTITY_MIN_ENTRIES = 1 << 20
-
-#: Smallest ``Σ‖g_i − ḡ‖² / Σ‖g_i‖²`` for which that difference is used (it loses ``log10(1/share)``
-#: of float32's ~7 digits: 2 at 1 %).
-IDENTITY_MIN_SHARE = 0.01
-
-
-def _sum_of_squares(x: Tensor) -> Tensor:
-    """``Σ x²`` over all but the first dimension of ``x`` ``(c, m, d)``, float64 ``(c,)``: float32
-    norms of column blocks of :data:`GRAM_BLOCK` (accurate short sums), squared and added in float64."""
-    c, m, d = x.shape
-    main = d - d % GRAM_BLOCK
-    total = torch.zeros(c, dtype=torch.float64, device=x.device)
-    if main:
-        blocks = torch.linalg.vector_norm(x[..., :main].reshape(c, m, main // GRAM_BLOCK, GRAM_BLOCK), dim=-1)
-        total += blocks.double().square_().sum((1, 2))
-    if main < d:
-        total += torch.linalg.vector_norm(x[..., main:], dim=-1).double().square_().sum(1)
-    return total
-
-
-def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tensor | None, selected: Tensor | None,
-                   vectors: Tensor, *, scratch: Tensor | None = None) -> Tensor:
-    """The :data:`STEP_COLUMNS` of ``c`` steps at once, ``(c, 11)`` float64 on the device (no host sync).
-
-    Parameters
-    ----------
-    losses : (c, h)
-        Honest mini-batch losses.
-    sent : (c, h, d)
-        Honest vectors as sent (after privacy); ``clean`` (c, h, d) the same before privacy (after
-        clipping), or ``None`` when nothing lies between the two.
-    byz : (c, f, d) or None
-        The Byzantine vectors (``None`` or ``f = 0``: the attack columns are NaN).
-    selected : (c, n) bool or None
-        The rule's selection mask (``None`` for non-selecting rules: ``byzantine_selected`` is NaN).
-    vectors : (c, m, d)
-        Rows 1 (the aggregate ``GAR``) and 3 (``θ_t − θ₀``) filled by the caller; rows 0, 2 (and 4
-        when ``m = 5``) are overwritten with the honest mean ``ḡ`` as sent, the Byzantine mean and
-        (``m = 5``, needs ``clean``) the honest mean before privacy.
-    scratch : (c, h, d), optional
-        Work space for the centred rows (allocated when not given).
-
-    Formulas: norms and cosines of ``ḡ``, ``GAR``, the Byzantine mean, ``θ − θ₀`` and ``ḡ_clean`` come
-    from the ``m × m`` Gram matrix of ``vectors`` of each step (one batched matmul; for one step of a
-    large model the column-blocked :func:`dpbr.robust._geometry.gram`);
-    ``deviation = sqrt(Σ_i ‖g_i − ḡ‖² / (h − 1))`` from the centred rows (no cancellation; NaN for
-    ``h < 2``); ``vn_ratio = deviation / ‖ḡ‖``; ``cos(a, b) = ⟨a, b⟩ / (‖a‖‖b‖)``;
-    ``byzantine_selected`` = fraction of the Byzantine rows (``h..n−1``) selected.
-
-    Precision: float32 sums over long vectors are taken in blocks of
-    :data:`dpbr.robust._geometry.GRAM_BLOCK` and the blocks added in float64. A single float32
-    ``vector_norm`` or ``mm`` over ``6 × 431,080`` numbers is off by about 1e-4 (relative); blocked,
-    about 1e-7. On the CPU, for large inputs (``≥`` :data:`IDENTITY_MIN_ENTRIES` numbers), the
-    deviation is taken from ``Σ‖g_i‖² − h‖ḡ‖²`` when that difference is at least
-    :data:`IDENTITY_MIN_SHARE` of ``Σ‖g_i‖²`` (error ≤ about 2e-5 relative; always the case with
-    privacy noise, whose rows are far apart), and from the centred rows otherwise.
-    """
-    c, h = sent.shape[0], sent.shape[1]
-    dev = sent.device
-    nan_col = torch.full((c,), math.nan, dtype=torch.float64, device=dev)
-    has_byz = byz is not None and byz.shape[1] > 0
-    torch.mean(sent, dim=1, out=vectors[:, 0])
-    if has_byz:
-        torch.mean(byz, dim=1, out=vectors[:, 2])  # type: ignore[arg-type]
-    else:
-        vectors[:, 2].zero_()
-    if clean is not None:
-        torch.mean(clean, dim=1, out=vectors[:, 4])
-    if c == 1 and vectors.shape[2] > GRAM_BLOCK:
-        gram = geo_gram(vectors[0]).unsqueeze(0).double()
-    else:
-        gram = torch.bmm(vectors, vectors.transpose(1, 2)).double()
-    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
-    cos_h = gram[:, 0, 1] / (norms[:, 0] * norms[:, 1])
-    cos_a = gram[:, 1, 2] / (norms[:, 1] * norms[:, 2]) if has_byz else nan_col
-    if scratch is None:
-        scratch = torch.empty_like(sent)
-
-    def deviation(rows: Tensor, mean: Tensor, mean_sq: Tensor) -> Tensor:
-        if h < 2:
-            return nan_col
-        if rows.device.type == "cpu" and rows.numel() >= IDENTITY_MIN_ENTRIES:
-            # Σ‖g_i − ḡ‖² = Σ‖g_i‖² − h‖ḡ‖²: one read of the rows instead of writing and reading the
-            # centred copy; used only where it keeps at least two of its ~7 accurate digits
-            total = _sum_of_squares(rows)
-            spread = total - h * mean_sq
-            if bool((spread >= IDENTITY_MIN_SHARE * total).all()):  # a CPU tensor: no device sync
-                return spread.clamp_min_(0).sqrt_().div_(math.sqrt(h - 1))
-        centred = torch.sub(rows, mean.unsqueeze(1), out=scratch)
-        return _sum_of_squares(centred).sqrt_().div_(math.sqrt(h - 1))
-
-    dev_sent = deviation(sent, vectors[:, 0], gram[:, 0, 0])
-    if clean is not None:
-        norm_clean, dev_clean = norms[:, 4], deviation(clean, vectors[:, 4], gram[:, 4, 4])
-    else:
-        norm_clean, dev_clean = norms[:, 0], dev_sent
-    sel = selected[:, h:].double().mean(1) if selected is not None and has_byz else nan_col
-    return torch.stack([losses.double().mean(1), norms[:, 0], dev_sent, dev_sent / norms[:, 0], norm_clean,
-                        dev_clean, norms[:, 1], cos_h, cos_a, norms[:, 3], sel], dim=1)

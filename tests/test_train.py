@@ -331,7 +331,95 @@ def test_copies_gram_is_the_gram_matrix_of_the_stack():
     G = torch.randn(11, 9_000, generator=torch.Generator().manual_seed(5))
     G[7:] = G[6]  # rows 6..10: one vector and its copies (h = 6)
     exact = G.double() @ G.double().T
-    K = copies_gram(G, 6)
+    K, K64 = copies_gram(G, 6)
     assert K.dtype == torch.float32 and K.shape == (11, 11)
-    torch.testing.assert_close(K.double(), exact, rtol=1e-6, atol=1e-6 * float(exact.diagonal().max()))
+    assert K64.dtype == torch.float64 and K64.shape == (7, 7)
+    scale = float(exact.diagonal().max())
+    torch.testing.assert_close(K.double(), exact, rtol=1e-6, atol=1e-6 * scale)
+    torch.testing.assert_close(K64, exact[:7, :7], rtol=0, atol=1e-6 * scale)  # float32 blocks summed in float64
     assert torch.equal(K[6:, 6:], K[6, 6].expand(5, 5))  # distances between copies are exactly 0
+
+
+def _gram_case(h: int, f: int, d: int, seed: int, *, spread: float = 1.0, clean: bool = True):
+    """Honest rows (clean and as sent), f copies of one Byzantine vector, θ − θ₀; float32."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=gen)
+    clean_rows = base + spread * torch.randn(h, d, generator=gen)
+    sent = clean_rows + 0.7 * torch.randn(h, d, generator=gen) if clean else clean_rows
+    stacked = torch.cat([sent, (-1.5 * base).expand(f, d)])
+    return stacked, clean_rows if clean else None, torch.randn(d, generator=gen), torch.rand(h, generator=gen)
+
+
+@pytest.mark.parametrize("clean", [True, False])
+@pytest.mark.parametrize("chosen", [[0, 1, 2, 3, 4, 5], [0, 2, 3, 7, 8, 9], [1], [6, 9]])
+def test_metrics_from_the_gram_matrix_equal_the_metrics_from_the_vectors(chosen, clean):
+    from dpbr.simulation import copies_gram
+    from dpbr.step_metrics import gram_step_metrics, window_metrics
+
+    h, f, d = 6, 5, 50_000
+    stacked, clean_rows, disp, losses = _gram_case(h, f, d, 7, clean=clean)
+    selected = torch.zeros(h + f, dtype=torch.bool)
+    selected[chosen] = True
+    aggregate = stacked[selected].mean(0)
+    _, K64 = copies_gram(stacked, h)
+    got = gram_step_metrics(losses, K64, selected, clean_rows, disp, mean_out=torch.empty(d),
+                            scratch=torch.empty(h, d))
+    vectors = torch.empty(1, 5 if clean else 4, d)
+    vectors[0, 1], vectors[0, 3] = aggregate, disp
+    want = window_metrics(losses[None], stacked[None, :h], None if clean_rows is None else clean_rows[None],
+                          stacked[None, h:], selected[None], vectors)
+    assert got is not None and got.shape == (1, len(STEP_COLUMNS)) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # and against float64 from the definitions
+    S, A, B = stacked[:h].double(), aggregate.double(), stacked[h].double()
+    g = S.mean(0)
+    assert float(got[0, 1]) == pytest.approx(float(g.norm()), rel=1e-6)
+    assert float(got[0, 2]) == pytest.approx(float((S - g).pow(2).sum().div(h - 1).sqrt()), rel=1e-5)
+    assert float(got[0, 7]) == pytest.approx(float(A @ g / (A.norm() * g.norm())), abs=1e-6)
+    assert float(got[0, 8]) == pytest.approx(float(A @ B / (A.norm() * B.norm())), abs=1e-6)
+    assert float(got[0, 10]) == pytest.approx(sum(c >= h for c in chosen) / f)
+
+
+def test_metrics_from_the_gram_matrix_step_aside_where_the_sums_lose_precision():
+    from dpbr.simulation import copies_gram
+    from dpbr.step_metrics import gram_step_metrics
+
+    h, f, d = 6, 5, 20_000
+    work = dict(mean_out=torch.empty(d), scratch=torch.empty(h, d))
+    everyone = torch.tensor([True] * h + [False] * f)
+
+    def metrics(stacked, selected=everyone):
+        return gram_step_metrics(torch.zeros(h), copies_gram(stacked, h)[1], selected, None, torch.zeros(d), **work)
+
+    stacked, *_ = _gram_case(h, f, d, 8, clean=False)
+    assert metrics(stacked) is not None
+    nearly_equal = _gram_case(h, f, d, 8, spread=1e-3, clean=False)[0]  # deviation 1e-3 of the norms
+    assert metrics(nearly_equal) is None
+    opposite = stacked.clone()
+    opposite[h // 2:h] = -opposite[:h // 2] + 1e-4 * opposite[h // 2:h]  # ḡ ≈ 0: the sum cancels
+    assert metrics(opposite) is None
+    broken = stacked.clone()
+    broken[2, 5] = math.nan  # a non-finite honest row
+    assert metrics(broken) is None
+    # a non-finite Byzantine vector the rule left out: the honest and aggregate columns stay finite
+    nan_byz = stacked.clone()
+    nan_byz[h:] = math.nan
+    row = metrics(nan_byz)
+    assert row is not None and math.isnan(float(row[0, 8])) and float(row[0, 10]) == 0.0
+    assert torch.isfinite(row[0, :8]).all()
+
+
+def test_simulation_takes_the_metrics_from_the_gram_matrix_and_they_match_the_vectors(monkeypatch):
+    import dpbr.simulation as simulation
+    import dpbr.step_metrics as step_metrics
+
+    monkeypatch.setattr(simulation, "WINDOW_MAX_ENTRIES", 0)  # a window of one step: the large-model path
+    used = []
+    real = step_metrics.gram_step_metrics
+    monkeypatch.setattr(simulation, "gram_step_metrics", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    from_gram = _sim(steps=12).run()
+    assert len(used) == 12 and all(row is not None for row in used)
+    monkeypatch.setattr(simulation, "gram_step_metrics", lambda *a, **k: None)
+    from_vectors = _sim(steps=12).run()
+    torch.testing.assert_close(from_gram.metrics, from_vectors.metrics, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert from_gram.evaluations == from_vectors.evaluations  # the same θ

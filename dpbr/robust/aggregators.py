@@ -205,11 +205,15 @@ class Aggregator:
     """
 
     key: ClassVar[str] = ""
+    #: Whether :attr:`Aggregation.selected` is a row mask (``True``) or ``None``.
     selects: ClassVar[bool] = False
     #: Whether the rule works from the Gram matrix ``G Gᵀ`` of its whole input (Krum, Multi-Krum,
     #: MDA, Bulyan): a caller that already has it may pass it as ``gram=`` to :meth:`aggregate`.
     uses_gram: ClassVar[bool] = False
-    """Whether :attr:`Aggregation.selected` is a row mask (``True``) or ``None``."""
+    #: Whether the aggregate is the plain mean of the selected rows (Krum, Multi-Krum, MDA): its inner
+    #: products with every row then follow from the Gram matrix and the selection
+    #: (:func:`dpbr.step_metrics.gram_step_metrics`). Bulyan selects, then takes a trimmed mean.
+    averages_selected: ClassVar[bool] = False
 
     def __init__(self) -> None:
         #: canonical spec string; :func:`get` sets it to the canonical form of the spec it parsed
@@ -418,6 +422,7 @@ class MultiKrum(Aggregator):
     key = "multi-krum"
     selects = True
     uses_gram = True
+    averages_selected = True
 
     def __init__(self, m: int | None = None) -> None:
         self.m = None if m is None else _positive_int(m, "m")
@@ -559,6 +564,7 @@ class MDA(Aggregator):
     key = "mda"
     selects = True
     uses_gram = True
+    averages_selected = True
     TIES = ("tightest", "first")
 
     def __init__(self, ties: str = "tightest") -> None:
