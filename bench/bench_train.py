@@ -25,6 +25,9 @@ Usage::
 
     python bench/bench_train.py [--quick] [--rounds R] [--data-dir data] [--threads 1]
                                 [--phishing PATH] [--cells logit,cnn10,cnn50,cnn100,cnn500] [--no-memory]
+                                [--device cuda] [--strategy auto|loop|vmap]
+
+On a GPU the reference runs there too (its model, data and noise on the device).
 
 A script, not a test.
 """
@@ -73,11 +76,12 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def dpbr_round(spec: RunSpec, ds, device: torch.device, steps: int) -> tuple[float, torch.Tensor, str]:
+def dpbr_round(spec: RunSpec, ds, device: torch.device, steps: int,
+               strategy: str = "auto") -> tuple[float, torch.Tensor, str]:
     """(steps/s, per-step phase seconds ``(steps, len(PHASES))``, gradient strategy) of one run of
     ``steps`` steps of dpbr's simulation loop (built outside the timing; no evaluation)."""
     spec = RunSpec.create(**{**spec.to_dict(), "steps": steps, "eval_every": 0})
-    sim = Simulation(spec, ds, device)
+    sim = Simulation(spec, ds, device, strategy=strategy)
     sim.evaluate = lambda chunk=2000: (torch.tensor(0.0), torch.tensor(0.0))  # type: ignore[method-assign]
     start = time.perf_counter()
     result = sim.run()
@@ -90,6 +94,8 @@ def reference_round(ref: ReferenceServer, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         ref.step()
+    if ref.device.type == "cuda":
+        torch.cuda.synchronize()
     return steps / (time.perf_counter() - start)
 
 
@@ -100,13 +106,14 @@ def bench_cell(name: str, args: argparse.Namespace, device: torch.device) -> dic
         steps, ref_steps = max(2, steps // 2), max(1, ref_steps // 2)
     ds = data.load(dataset, args.data_dir, device=device)
     spec = RunSpec.create(dataset=dataset, model=model, gar="mda", attack=ATTACK, epsilon=0.2, batch_size=b)
-    dpbr_round(spec, ds, device, 2)  # warm-up: first-call costs (allocator, tables)
-    ref = ReferenceServer(spec, ds.to("cpu"))
+    chosen = args.strategy if model != "logit" else "auto"  # logit: always its closed form
+    dpbr_round(spec, ds, device, 2, chosen)  # warm-up: first-call costs (allocator, tables)
+    ref = ReferenceServer(spec, ds, device=device)
     ref.step()
     rates, ref_rates, ratios, phases = [], [], [], []
     strategy = ""
     for _ in range(args.rounds):
-        rate, ph, strategy = dpbr_round(spec, ds, device, steps)
+        rate, ph, strategy = dpbr_round(spec, ds, device, steps, chosen)
         ref_rate = reference_round(ref, ref_steps)
         rates.append(rate)
         ref_rates.append(ref_rate)
@@ -147,6 +154,8 @@ def main() -> None:
     parser.add_argument("--phishing", default=None, help="local phishing file to import if not cached")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap"],
+                        help="dpbr's gradient strategy for the CNN cells (auto: what `dpbr train` picks)")
     parser.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {', '.join(CELLS)}")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -35,12 +35,13 @@ def gaussian_sigma(clip: float, batch_size: int, epsilon: float, delta: float) -
 class ReferenceServer:
     """One LPD-style training loop for ``mda`` + ``little(factor=1.5, negative=true)`` (or average)."""
 
-    def __init__(self, spec, dataset, seed: int = 1) -> None:
+    def __init__(self, spec, dataset, seed: int = 1, device: torch.device | str = "cpu") -> None:
         torch.manual_seed(seed)
         self.spec = spec
-        self.data = dataset
+        self.device = torch.device(device)
+        self.data = dataset.to(self.device)
         self.model = models.build(spec.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                                  mean=dataset.mean, std=dataset.std, seed=seed)
+                                  mean=dataset.mean, std=dataset.std, seed=seed).to(self.device)
         self.loss = models.loss(spec.model)
         self.params = list(self.model.parameters())
         self.origin = torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
@@ -50,10 +51,11 @@ class ReferenceServer:
         self.noise = None
         if spec.epsilon is not None:
             sigma = gaussian_sigma(spec.clip, spec.batch_size, spec.epsilon, spec.delta)
-            self.noise = torch.distributions.normal.Normal(torch.zeros(d), torch.ones(d).mul_(sigma))
+            self.noise = torch.distributions.normal.Normal(torch.zeros(d, device=self.device),
+                                                           torch.ones(d, device=self.device).mul_(sigma))
 
     def _honest_gradient(self) -> torch.Tensor:
-        idx = torch.randint(self.data.y_train.shape[0], (self.spec.batch_size,))
+        idx = torch.randint(self.data.y_train.shape[0], (self.spec.batch_size,), device=self.device)
         self.opt.zero_grad()
         loss = self.loss(self.model(self.data.x_train[idx]), self.data.y_train[idx])
         loss.backward()

@@ -276,6 +276,24 @@ def test_paper_config_is_the_study():
     assert not any(s.epsilon is not None and s.sparsify is not None for s in cells)
 
 
+def test_claims_configs_are_the_issue_results_grid():
+    """config/claims.yaml (CPU) and config/claims-gpu.yaml name the cells of issue 3's "Results to
+    report": 1000 steps, average/none and mda/little at ε ∈ {none, 0.2}, logit at b ∈ {10, 100, 500}
+    × 3 seeds, CNN at b ∈ {10, 100} × seed 1 on the CPU and b ∈ {10, 100, 500} × 3 seeds on a GPU."""
+    pairs = {("average", "none"), ("mda", LITTLE)}
+    cpu = list(cells_of(yaml.safe_load((REPO / "config" / "claims.yaml").read_text())).values())
+    gpu = list(cells_of(yaml.safe_load((REPO / "config" / "claims-gpu.yaml").read_text())).values())
+    assert len(cpu) == 3 * 3 * 2 * 2 + 2 * 2 * 2 and len(gpu) == 3 * 3 * 2 * 2
+    for cells in (cpu, gpu):
+        assert {(s.gar, s.attack) for s in cells} == pairs
+        assert {s.epsilon for s in cells} == {None, 0.2}
+        assert {(s.steps, s.workers, s.byzantine, s.delta) for s in cells} == {(1000, 11, 5, 1e-6)}
+    assert {(s.batch_size, s.seed) for s in cpu if s.model == "logit"} == {(b, k) for b in (10, 100, 500) for k in (1, 2, 3)}
+    assert {(s.batch_size, s.seed) for s in cpu if s.model == "cnn"} == {(10, 1), (100, 1)}
+    assert {(s.model, s.dataset) for s in gpu} == {("cnn", "mnist")}
+    assert {(s.batch_size, s.seed) for s in gpu} == {(b, k) for b in (10, 100, 500) for k in (1, 2, 3)}
+
+
 # ----------------------------------------------------------------------------------------------- #
 # Dry runs (Snakemake API, in process)
 
