@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from dpbr.robust._geometry import GRAM_BLOCK, gram_float64
+from dpbr.robust._geometry import GRAM_BLOCK
 from dpbr.robust._geometry import gram as geo_gram
 
 __all__ = ["STEP_COLUMNS", "IDENTITY_MIN_ENTRIES", "IDENTITY_MIN_SHARE", "GRAM_MIN_SHARE", "window_metrics",
@@ -155,9 +155,10 @@ def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tens
 
 def distinct_gram(G: Tensor, h: int) -> Tensor:
     """The float64 Gram matrix of rows ``0 … h`` of ``G`` — the ``h`` honest rows and the one vector
-    an attack that sends copies repeats in rows ``h … n − 1`` (:func:`dpbr.robust._geometry.gram_float64`:
-    float32 products of column blocks, added in float64; relative error about 1e-7 of ``‖g_i‖‖g_j‖``)."""
-    return gram_float64(G[: h + 1])
+    an attack that sends copies repeats in rows ``h … n − 1`` (:func:`dpbr.robust._geometry.gram` with
+    ``sum_dtype=torch.float64``: float32 products of column blocks, added in float64; relative error
+    about 1e-7 of ``‖g_i‖‖g_j‖``)."""
+    return geo_gram(G[: h + 1], sum_dtype=torch.float64)
 
 
 def gram_step_metrics(losses: Tensor, K: Tensor, selected: Tensor, clean: Tensor | None, displacement: Tensor,

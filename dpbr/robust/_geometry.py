@@ -72,40 +72,26 @@ def compute_view(X: Tensor) -> Tensor:
     return X if X.dtype in (torch.float32, torch.float64) else X.float()
 
 
-def gram(X: Tensor) -> Tensor:
+def gram(X: Tensor, *, sum_dtype: torch.dtype | None = None) -> Tensor:
     """The Gram matrix ``X Xᵀ`` (``n × n``), accumulated over column blocks of :data:`GRAM_BLOCK`.
 
     ``X`` must be float32 or float64 (use :func:`compute_view`). The columns are split into
-    ``⌊d / GRAM_BLOCK⌋`` blocks multiplied as one batched matmul and summed, plus one ``addmm`` for the
-    remainder; no copy of ``X`` is made when it is contiguous.
+    ``⌊d / GRAM_BLOCK⌋`` blocks multiplied as one batched matmul and summed, plus one product for the
+    remainder; no copy of ``X`` is made when it is contiguous. The block products are taken in
+    ``X``'s precision and added in ``sum_dtype`` (default: ``X``'s). With ``sum_dtype=torch.float64``
+    each entry of a float32 ``X`` is within about 1e-7 of ``‖x_i‖‖x_j‖`` (a float32 sum over the blocks
+    adds their rounding, about 1e-6 at ``d = 431,080``), at the same cost.
     """
     n, d = X.shape
     main = d - d % GRAM_BLOCK
     if main == 0:
-        return X @ X.T
+        K = X @ X.T
+        return K if sum_dtype is None else K.to(sum_dtype)
     blocks = X[:, :main].reshape(n, main // GRAM_BLOCK, GRAM_BLOCK).transpose(0, 1)
-    K = torch.bmm(blocks, blocks.transpose(1, 2)).sum(0)
+    K = torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=sum_dtype)
     if main < d:
         rest = X[:, main:]
-        K = torch.addmm(K, rest, rest.T)
-    return K
-
-
-def gram_float64(X: Tensor) -> Tensor:
-    """The Gram matrix ``X Xᵀ`` in float64, from the products of :func:`gram`'s column blocks taken in
-    ``X``'s precision (float32 or float64; :func:`compute_view`) and added in float64: each entry within
-    about 1e-7 of ``‖x_i‖‖x_j‖`` for float32 rows (a float32 sum over the blocks adds the blocks'
-    rounding, about 1e-6 at ``d = 431,080``). Same cost as :func:`gram`.
-    """
-    n, d = X.shape
-    main = d - d % GRAM_BLOCK
-    K = torch.zeros(n, n, dtype=torch.float64, device=X.device)
-    if main:
-        blocks = X[:, :main].reshape(n, main // GRAM_BLOCK, GRAM_BLOCK).transpose(0, 1)
-        K = torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
-    if main < d:
-        rest = X[:, main:]
-        K = K + (rest @ rest.T).double()
+        K = torch.addmm(K, rest, rest.T) if K.dtype == X.dtype else K + (rest @ rest.T).to(K.dtype)
     return K
 
 
