@@ -1,7 +1,7 @@
 """dpbr: the experiment workflow (Snakemake >= 9).
 
     snakemake --cores all                                  # the default grid (config/config.yaml)
-    snakemake --cores all --configfile config/paper.yaml   # the study (REFERENCE §1)
+    snakemake --cores all --configfile config/paper.yaml   # the study (arXiv 2102.08166)
     snakemake --profile slurm                              # on a SLURM cluster
     snakemake --report results/report.html                 # figures with captions, offline
 
@@ -10,6 +10,10 @@ order) only those are used: each config file describes a whole experiment. The c
 checked against workflow/schemas/config.schema.yaml (defaults filled in) and every cell is built
 with its spec before any job starts. Rules live in workflow/rules/; the README ("The workflow")
 explains outputs, reruns and cluster use.
+
+Every snakemake command also reads the workflow profile profiles/default (a link to
+workflow/profiles/default): rerun-incomplete, keep-going, greedy scheduler, so an interrupted run
+resumes with the same command. After `kill -9` of Snakemake: `snakemake --unlock` once.
 """
 
 import os

@@ -1,6 +1,6 @@
 """Benchmark of ``dpbr train``'s simulation loop against an LPD-style reference, side by side in one run.
 
-Prints Markdown tables (issue 3, "Speed"):
+Prints Markdown tables (the README's "Benchmarks" section):
 
 1. steps/s of dpbr's simulation loop (:class:`dpbr.simulation.Simulation`, what ``dpbr train`` runs)
    and of the reference (``bench/reference_lpd.py``) on the same cells, their ratio, and dpbr's share

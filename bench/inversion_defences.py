@@ -6,7 +6,7 @@ a Markdown table: the share of seeds whose reconstruction has MSE < 1e-2, 1e-3, 
 pixels (iDLG's success convention), the label accuracy, and medians of MSE, PSNR, SSIM and run time.
 The raw per-job rows go to a Parquet file (``--out``).
 
-Defences (REFERENCE §6 and seed 002): none; magnitude sparsification ``sparsify(p)`` (the study's,
+Defences (those DLG — Zhu, Liu, Han 2019, arXiv 1906.08935 — reports on, and quantization): none; magnitude sparsification ``sparsify(p)`` (the study's,
 per sign) for p ∈ {0.1, 0.2, 0.3, 0.5}; Gaussian noise ``gaussian(sigma=σ)`` for σ ∈ {1e-4, 1e-3,
 1e-2, 1e-1} (variance σ² from 1e-8 to 1e-2 — DLG reports that variance ≥ 1e-2 defends), plus
 σ = 10^-1.5 and 10^-0.5 so that the variances 1e-4 … 1e-1 of DLG's figure are covered too; uniform

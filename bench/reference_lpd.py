@@ -1,7 +1,7 @@
 """A straightforward reference parameter server, written the way the public anchors do it.
 
 Used only by ``bench/bench_train.py`` to measure how much faster ``dpbr train`` is. It follows the
-LPD ``train.py`` / ``aggregators/brute.py`` / ``attacks/identical.py`` structure (REFERENCE §1–4):
+LPD ``train.py`` / ``aggregators/brute.py`` / ``attacks/identical.py`` structure (LPD-EPFL/DifferentialByzantine, the code of arXiv 2102.08166):
 
 * a Python loop over honest workers, one backward pass each, gradients copied out of ``.grad``;
 * clipping with ``grad.norm().item()`` per worker;

@@ -28,6 +28,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+#: Most torch CPU threads a command accepts (``torch.set_num_threads`` takes a C int; more threads than
+#: cores only slows a job down).
+MAX_THREADS = 1024
+
 data_app = typer.Typer(help="Prepare datasets (download, import a local copy, verify, cache).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -109,15 +113,15 @@ def train_cmd(
     delta: float = typer.Option(1e-6, "--delta", help="Gaussian-mechanism delta in (0, 1)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Clipping norm C; 'none' disables clipping [default: the model's, 0.01]."),
     clip_mode: str = typer.Option("batch", "--clip-mode", help="Clip each worker's mini-batch gradient (batch, the study's) or each example (per-example, DP-SGD)."),
-    sparsify: str = typer.Option("none", "--sparsify", help="Zero this fraction of smallest-magnitude coordinates (per sign), e.g. 0.25; 'none'."),
+    sparsify: str = typer.Option("none", "--sparsify", help="Zero this fraction of smallest-magnitude coordinates (per sign), e.g. 0.25; 'none'. With --epsilon too, it sparsifies the noised gradient (order: clip, noise, sparsify, quantize), which keeps the noise's (epsilon, delta) guarantee."),
     quantize: str = typer.Option("none", "--quantize", help="Quantizer: none, 'uniform(bits=8)', 'stochastic(bits=4)', 'sign', 'qsgd(levels=16)'."),
     partition: str = typer.Option("iid", "--partition", help="Worker data: iid, shards (label-sorted), 'dirichlet(alpha=0.5)'."),
-    worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (seed 004); 0 = none."),
+    worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (worker momentum as in Karimireddy, He, Jaggi 2022, arXiv 2006.09365); 0 = none."),
     seed: int = typer.Option(1, "--seed", help="Seed of every random stream of the run."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output Parquet file [default: results/train/<cell id>.parquet]."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads [default: torch's]."),
     grad_strategy: str = typer.Option("auto", "--grad-strategy", help="How honest gradients are computed: auto, closed-form (logit), loop, vmap."),
     chunk: int = typer.Option(64, "--chunk", help="Examples per chunk of per-example gradients (memory bound)."),
     checkpoint_steps: Optional[str] = typer.Option(None, "--checkpoint-steps", help="Save parameters at these steps, e.g. '0,500,1000' (for dpbr vn / reconstruct)."),
@@ -161,13 +165,19 @@ def data_fetch_cmd(
 ) -> None:
     """Download (or import with --from), verify and cache a dataset."""
     from dpbr import data
+    from dpbr.io import check_folder
 
+    try:  # an unknown name is reported before anything is checked or written
+        data.canonical_name(name)
+    except UsageError as exc:
+        raise UsageError("NAME", exc.message) from None
+    check_folder(data_dir, "--data-dir")
     path = data.fetch(name, data_dir, source=source)
     print(path)
 
 
 # ----------------------------------------------------------------------------------------------- #
-# dpbr vn (issue 5) — section owned by the VN work
+# dpbr vn: the VN ratio of the honest gradients
 
 
 def _value_list(text: Optional[str], option: str) -> list[Optional[str]]:
@@ -205,7 +215,7 @@ def vn_cmd(
     delta: float = typer.Option(1e-6, "--delta", help="Gaussian-mechanism delta in (0, 1)."),
     clip: Optional[str] = typer.Option(None, "--clip", help="Clipping norm C; 'none' disables clipping [default: the model's, 0.01]."),
     clip_mode: str = typer.Option("batch", "--clip-mode", help="Clip each mini-batch gradient (batch, the study's) or each example (per-example)."),
-    sparsify: str = typer.Option("none", "--sparsify", help="Sparsification fraction(s), e.g. 'none,0.25'."),
+    sparsify: str = typer.Option("none", "--sparsify", help="Sparsification fraction(s), e.g. 'none,0.25'; combined with an --epsilon value, the noised gradient is sparsified (clip, noise, sparsify)."),
     workers: int = typer.Option(11, "--workers", help="n at which the rules' bounds k_F(n, f) are evaluated."),
     byzantine: int = typer.Option(5, "--byzantine", help="f at which the rules' bounds k_F(n, f) are evaluated."),
     samples: int = typer.Option(64, "--samples", help="K independent mini-batch gradients per batch size."),
@@ -219,7 +229,7 @@ def vn_cmd(
     root: Path = typer.Option(Path("results"), "--root", help="Results folder for per-cell files (<root>/vn/<cell id>.parquet)."),
     min_b_out: Optional[Path] = typer.Option(None, "--min-b-out", help="Also write the minimal-batch-size table (Parquet)."),
     eta_out: Optional[Path] = typer.Option(None, "--eta-out", help="Also write the eta-approximated condition table over the checkpoints (Parquet)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads [default: torch's]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads [default: torch's]."),
     grad_strategy: str = typer.Option("auto", "--grad-strategy", help="How the K mini-batch gradients are computed: auto, vmap (batched), loop."),
     chunk: Optional[int] = typer.Option(None, "--chunk", help="Examples per batched gradient call (memory bound) [default: 8192]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
@@ -255,7 +265,7 @@ def vn_cmd(
 
 
 # ----------------------------------------------------------------------------------------------- #
-# dpbr reconstruct (issue 6) — section owned by the gradient-inversion work
+# dpbr reconstruct: gradient inversion
 
 
 @app.command("reconstruct")
@@ -277,7 +287,7 @@ def reconstruct_cmd(
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output Parquet file, one row per image: MSE, PSNR, SSIM (standard Gaussian-window SSIM of Wang et al. 2004, 11x11, sigma 1.5 — not CW-SSIM), label correct, success at MSE < 1e-2/1e-3/1e-4 [default: results/reconstruct/<cell id>.parquet]."),
     png: Optional[Path] = typer.Option(None, "--png", help="PNG grid, originals above and matched reconstructions below [default: --out with .png]."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads [default: 1 for small problems, else torch's]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads [default: 1 for small problems, else torch's]."),
     strategy: str = typer.Option("auto", "--strategy", help="How restarts are evaluated: auto, loop (autograd per restart), vmap (torch.func, all at once)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
@@ -301,7 +311,7 @@ def reconstruct_cmd(
 
 
 # ----------------------------------------------------------------------------------------------- #
-# dpbr aggregate / dpbr plot (issue 4) — section owned by the workflow work
+# dpbr aggregate / dpbr plot: summaries and figures of the training cells
 
 
 @app.command("aggregate")
@@ -430,6 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("dpbr: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a file-system refusal no option check foresaw (disk full, a race): still one line
+        where = f"{exc.filename!s}: " if exc.filename else ""
+        print(f"dpbr: error: {where}{exc.strerror or ' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
     if isinstance(rv, int) and rv != 0:
         sys.exit(rv)
 

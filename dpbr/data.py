@@ -1331,7 +1331,7 @@ def partition(
         Every worker gets the *whole* training set and samples its mini-batches IID from it, as in the
         study (the same index tensor is returned for every worker).
     ``shards``
-        Non-IID, as in the bucketing paper (seed 004, Karimireddy et al. 2022): indices sorted by label
+        Non-IID, as in the bucketing paper (Karimireddy, He, Jaggi 2022, arXiv 2006.09365): indices sorted by label
         (ties in a random order drawn from ``generator``) and cut into ``num_workers`` contiguous shards
         of near-equal size, so each worker sees about ``classes / num_workers`` classes. Disjoint, covering.
     ``dirichlet(alpha=A)`` (also ``dirichlet(A)`` or ``scheme="dirichlet", alpha=A``)
@@ -1340,6 +1340,11 @@ def partition(
         (up to 1,000 times) until every worker has at least ``min_size`` samples.
 
     ``generator`` (a CPU ``torch.Generator``) is the only source of randomness.
+
+    ``dpbr train`` passes the number of *honest* workers ``h = n − f_real`` (all ``n`` without
+    Byzantine workers), as in the code of Karimireddy, He & Jaggi (2022, arXiv 2006.09365): every
+    example then belongs to exactly one honest worker, and the Byzantine workers that compute on data
+    sample IID from the whole set (:class:`dpbr.simulation.Simulation`).
 
     Raises
     ------

@@ -68,10 +68,11 @@ def default_hparams(model_name: str) -> dict[str, Any]:
     """Training defaults of ``model_name``: ``lr``, ``momentum``, ``dampening``, ``clip``,
     ``weight_decay``, ``steps``, ``eval_every``, ``delta``.
 
-    * ``logit``: the LPD ``reproduce.py`` constants of the study (REFERENCE §1): lr 2 (constant),
+    * ``logit``: the constants of ``reproduce.py`` in LPD-EPFL/DifferentialByzantine, the public code of
+      Guerraoui et al. 2021 (arXiv 2102.08166): lr 2 (constant),
       server momentum 0.99 with dampening 0, gradient clip 0.01, 1,000 steps, evaluation every 50
       steps, δ = 1e-6, no weight decay.
-    * ``cnn``: the same constants. The study's README (seed 000) says its CNN runs used LPD's
+    * ``cnn``: the same constants. The student study that reproduced that paper on MNIST says its CNN runs used LPD's
       ``reproduce.py``; its modified copy is not public, so no CNN-specific value is known. Only the
       loss differs (cross-entropy; LPD ``nll`` on ``log_softmax``). Treat these as the study's
       setting, not as tuned values.

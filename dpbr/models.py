@@ -223,7 +223,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet (He et al. 2016, §4.2) with width multiplier and projection shortcuts."""
+    """CIFAR ResNet (He et al. 2016, section 4.2) with width multiplier and projection shortcuts."""
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, normalize: Normalize, *,
                  depth: int, width: int, norm: str) -> None:

@@ -32,8 +32,10 @@ def format_float(x: float) -> str:
     """Canonical, round-trip-exact text of a number: ``1.0 -> "1"``, ``0.2 -> "0.2"``, ``1e-06 -> "1e-06"``.
 
     Integral values print without a decimal point, everything else with Python's shortest
-    round-trip ``repr``; ``inf``/``nan`` print as ``inf``/``nan``. Used for every float in a cell id,
-    so that YAML's ``1``, ``1.0`` and ``1.0e0`` name the same cell.
+    round-trip ``repr``, a positive exponent without its ``+`` (``1e+20 -> "1e20"``: a ``+`` would
+    split a spec string such as ``clip(c=1e20)+gaussian(...)``); ``inf``/``nan`` print as
+    ``inf``/``nan``. Used for every float in a cell id, so that YAML's ``1``, ``1.0`` and ``1.0e0``
+    name the same cell.
     """
     x = float(x)
     if math.isnan(x):
@@ -42,7 +44,7 @@ def format_float(x: float) -> str:
         return "inf" if x > 0 else "-inf"
     if x == int(x) and abs(x) < 1e16:
         return str(int(x))
-    return repr(x)
+    return repr(x).replace("e+", "e")
 
 
 def parse_value(text: str) -> Any:
@@ -114,9 +116,28 @@ def _parse_terms(spec: str, option: str) -> tuple[tuple[str, tuple[tuple[str, An
                 key = key.strip().replace("-", "_")
                 if not key.isidentifier():
                     raise UsageError(option, f"bad parameter name {key!r} in {name!r}")
-                params[key] = parse_value(value)
+                params[key] = _checked_number(parse_value(value), key, name, option)
         terms.append((name, params))
     return tuple((name, tuple(params.items())) for name, params in terms)
+
+
+#: Largest finite float32 and int64: parameters end up in float32 tensor operations and int64 columns.
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT64_MAX = 2**63 - 1
+
+
+def _checked_number(value: Any, key: str, name: str, option: str) -> Any:
+    """``value`` unchanged unless it is a number no component can use: NaN, ±inf, a float beyond the
+    float32 range (``1e39``) or an integer beyond int64; those raise a UsageError naming ``option``."""
+    from dpbr.errors import UsageError
+
+    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        raise UsageError(option, f"parameter {key} of {name!r} must be a finite number of magnitude at most "
+                                 f"{_FLOAT32_MAX:.4g} (float32), got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64_MAX:
+        raise UsageError(option, f"parameter {key} of {name!r} must be an integer of magnitude at most 2^63 - 1, "
+                                 f"got {value}")
+    return value
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:

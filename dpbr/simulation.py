@@ -1,6 +1,7 @@
 """The simulated parameter server: one :class:`RunSpec` → per-step records.
 
-One step (REFERENCE §1–2, seed 001 §4.1):
+One step (the setting of Guerraoui, Gupta, Pinot, Rouault and Stephan 2021, "Differential privacy and
+Byzantine resilience in SGD: do they add up?", arXiv 2102.08166, and of its public code):
 
 1. each of the ``h = n − f_real`` honest workers draws ``b`` examples IID from its data with its own
    generator (seeded from ``(seed, "batch", worker)``);
@@ -21,7 +22,7 @@ copied to the host once at the end (no host sync per step; the divergence check 
 10 steps on the CPU, 25 on CUDA, or once per window for small models — a diverged run is cut at its
 first non-finite step either way).
 
-Speed (issue 3). A step reuses preallocated buffers (:class:`StepBuffers`): the privacy pipeline writes
+Speed. A step reuses preallocated buffers (:class:`StepBuffers`): the privacy pipeline writes
 the vectors sent straight into rows ``0..h-1`` of the ``(n, d)`` matrix the rule aggregates and the
 attack's rows are copied under them, so no ``(n, d)`` tensor is allocated or concatenated per step. For
 small models (``n·d ≤`` :data:`WINDOW_MAX_ENTRIES`, e.g. the logistic model, ``d = 69``) a step costs
@@ -336,13 +337,25 @@ class Simulation:
         h, f_real = spec.honest, spec.byzantine_real
         self.h, self.f_real = h, f_real
         self.dim = d
-        # Worker data: index sets per worker (IID: the whole training set for everybody).
+        # Worker data. IID: everybody samples from the whole training set. Non-IID (shards, Dirichlet):
+        # the training set is split among the h honest workers only (all n when f_real = 0), as in the
+        # code of Karimireddy, He & Jaggi (2022, arXiv 2006.09365), so every example belongs to exactly
+        # one honest worker; the Byzantine workers that compute on data (label flipping) sample IID
+        # from the whole set (worker_indices has h rows only, see _data_of).
         n_train = dataset.y_train.shape[0]
         part_gen = rng.generator(spec.seed, "partition")
         self.worker_indices: list[Tensor] | None = None
+        labels = dataset.y_train.cpu()
         if spec.partition != "iid":
-            self.worker_indices = [ix.cpu() for ix in data_mod.partition(
-                dataset.y_train.cpu(), spec.workers, spec.partition, generator=part_gen)]
+            self.worker_indices = [ix.cpu() for ix in data_mod.partition(labels, h, spec.partition, generator=part_gen)]
+        #: ``(h, classes)`` int64: how many training examples of each class each honest worker holds
+        #: (IID: every row is the whole set's histogram); recorded in the run's metadata.
+        classes = max(int(dataset.num_classes), int(labels.max()) + 1 if labels.numel() else 0)
+        if self.worker_indices is None:
+            self.honest_class_counts = torch.bincount(labels, minlength=classes).expand(h, -1).clone()
+        else:
+            self.honest_class_counts = torch.stack(
+                [torch.bincount(labels.index_select(0, ix), minlength=classes) for ix in self.worker_indices])
         self.n_train = n_train
         self.input_size = math.prod(dataset.x_train.shape[1:])
         self.batch_gens = rng.worker_generators(spec.seed, "batch", spec.workers)
@@ -353,19 +366,27 @@ class Simulation:
 
     # ------------------------------------------------------------------------------------------- #
 
+    def _data_of(self, worker: int) -> Tensor | None:
+        """The training indices worker ``worker`` samples from, or None for the whole set (IID
+        partition, or a Byzantine worker ``worker >= h`` under a non-IID one)."""
+        if self.worker_indices is None or worker >= len(self.worker_indices):
+            return None
+        return self.worker_indices[worker]
+
     def _sample(self, workers: range, out: Tensor | None = None) -> Tensor:
         """Indices ``(len(workers), b)`` of the training examples each worker draws this step.
 
         Row ``i`` comes from worker ``workers[i]``'s own generator (the same draws with or without
-        ``out``, a CPU int64 buffer that saves the per-step allocation and stacking).
+        ``out``, a CPU int64 buffer that saves the per-step allocation and stacking): from its share
+        of the data (:meth:`_data_of`), or IID from the whole training set.
         """
         b = self.spec.batch_size
         rows = torch.empty(len(workers), b, dtype=torch.int64) if out is None else out
         for row, w in zip(rows.unbind(0), workers):
-            if self.worker_indices is None:
+            own = self._data_of(w)
+            if own is None:
                 torch.randint(self.n_train, (b,), generator=self.batch_gens[w], out=row)
             else:
-                own = self.worker_indices[w]
                 torch.index_select(own, 0, torch.randint(own.shape[0], (b,), generator=self.batch_gens[w]), out=row)
         return rows.to(self.device)
 
@@ -381,10 +402,10 @@ class Simulation:
         b = self.spec.batch_size
         for block, w in zip(scratch.unbind(0), workers):
             block = block[:count]
-            if self.worker_indices is None:
+            own = self._data_of(w)
+            if own is None:
                 torch.randint(self.n_train, (count, b), generator=self.batch_gens[w], out=block)
             else:
-                own = self.worker_indices[w]
                 drawn = torch.randint(own.shape[0], (count * b,), generator=self.batch_gens[w])
                 torch.index_select(own, 0, drawn, out=block.view(-1))
         out[:count].copy_(scratch[:, :count].transpose(0, 1))
@@ -517,7 +538,8 @@ class Simulation:
                     bidx = self._sample(range(h, spec.workers))
                     labels = attack.label_map(self.data.y_train[bidx], self.data.num_classes)
                     own, _ = self._gradients(bidx, labels)
-                forged = attack.forge(sent, f_real, aggregator=rule, generator=self.attack_gen,
+                target = ServerRule(rule, spec.byzantine, gar_state) if attack.needs_aggregator else None
+                forged = attack.forge(sent, f_real, aggregator=target, generator=self.attack_gen,
                                       own=own, state=attack_state, out=slot.byz)
                 attack_state = forged.state
             timer.mark()
@@ -571,6 +593,23 @@ class Simulation:
             diverged_at=diverged_at,
             facts={"strategy": self.strategy, "dim": self.dim, "noise_sigma": self.noise_sigma},
         )
+
+
+class ServerRule:
+    """The aggregation rule as the server applies it at one step, for attacks that search against it.
+
+    An omniscient attack that optimises its vector (``factor=optimal``) evaluates ``GAR(H ∪ byz)``: the
+    server's rule with the server's *declared* ``f`` and the rule's current state (centered clipping's
+    center), whatever number of vectors the attack forges — as LPD's ``attacks/identical.py`` does
+    (``defense(..., f=f_decl)``; Guerraoui et al. 2021, arXiv 2102.08166).
+    """
+
+    def __init__(self, rule: Any, f_declared: int, state: Any) -> None:
+        self.rule, self.f_declared, self.state = rule, f_declared, state
+
+    def __call__(self, G: Tensor, f: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """``rule(G, f_declared, state)``; the ``f`` the attack passes (its own count) is not used."""
+        return self.rule(G, self.f_declared, generator=generator, state=self.state)
 
 
 def copies_gram(G: Tensor, h: int) -> tuple[Tensor, Tensor]:

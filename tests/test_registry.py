@@ -11,7 +11,8 @@ from dpbr.registry import Registry, canonical, format_float, parse, parse_value
 @pytest.mark.parametrize(
     "value, text",
     [(1.0, "1"), (2, "2"), (0.2, "0.2"), (1e-6, "1e-06"), (0.1 + 0.2, "0.30000000000000004"),
-     (-3.0, "-3"), (1e20, "1e+20"), (math.inf, "inf"), (-math.inf, "-inf"), (math.nan, "nan")],
+     (-3.0, "-3"), (1e20, "1e20"), (2.5e300, "2.5e300"), (math.inf, "inf"), (-math.inf, "-inf"),
+     (math.nan, "nan")],  # no "+" in an exponent: "+" joins the terms of a spec string
 )
 def test_format_float_is_canonical_and_round_trips(value, text):
     assert format_float(value) == text

@@ -442,3 +442,68 @@ def test_a_cuda_run_without_noise_follows_the_cpu_run(model, dataset):
     torch.testing.assert_close(gpu[0], cpu[0], rtol=5e-3, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(gpu, cpu, rtol=2e-2, atol=1e-5, equal_nan=True)
     assert runs["cuda"].steps_done == 5
+
+
+# ----------------------------------------------------------------------------------------------- #
+# The composed ε written by a run, against Opacus' RDP accountant (an independent implementation)
+
+
+def _opacus_epsilon(rdp, q: float, z: float, steps: int, delta: float, extra_orders=()) -> tuple[float, float]:
+    """Opacus' RDP of the subsampled Gaussian (Mironov, Talwar & Zhang 2019, arXiv 1908.10530) and its
+    conversion (``rdp``: its analysis module), minimised over a dense grid of orders (its default grid,
+    integers to 2,048 geometrically, and ``extra_orders``)."""
+    orders = sorted({*(1 + x / 10 for x in range(1, 100)), *(float(a) for a in range(12, 64)),
+                     *np.unique(np.round(np.geomspace(64, 2_048, 60))).tolist(), *map(float, extra_orders)})
+    curve = rdp.compute_rdp(q=q, noise_multiplier=z, steps=steps, orders=orders)
+    eps, order = rdp.get_privacy_spent(orders=orders, rdp=curve, delta=delta)
+    return float(eps), float(order)
+
+
+def test_composed_epsilon_is_opacus_rdp_accountant_for_the_runs_parameters(tmp_path, opacus_rdp):
+    import warnings
+
+    rdp = opacus_rdp
+    out = tmp_path / "eps.parquet"
+    epsilon, delta, b, steps, n_train = 0.5, 1e-5, 16, 30, 512
+    assert run_cli(train_args(out, epsilon=epsilon, delta=delta, batch_size=b, steps=steps, eval_every=0)) == 0
+    frame, meta = pd.read_parquet(out), read_metadata(out)
+    got = float(frame["epsilon_composed"].iloc[0])
+    assert (frame["epsilon_composed"] == got).all()
+    # the documented multiplier: the noise std σ = (2C/b)·sqrt(2 ln(1.25/δ))/ε over the sensitivity 2C/b
+    # of the mean; sampling rate b/N
+    z, q = math.sqrt(2 * math.log(1.25 / delta)) / epsilon, b / n_train
+    order = float(meta["rdp_order"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        at_order, _ = rdp.get_privacy_spent(orders=[order], rdp=rdp.compute_rdp(q=q, noise_multiplier=z, steps=steps,
+                                                                                 orders=[order]), delta=delta)
+        best, best_order = _opacus_epsilon(rdp, q, z, steps, delta, extra_orders=[order])
+    assert got == pytest.approx(at_order, rel=1e-6)  # same RDP and conversion at dpbr's order
+    assert best <= got * (1 + 1e-9)  # a denser grid can only do as well or better …
+    assert got == pytest.approx(best, rel=1e-2)  # … and dpbr's grid lands within 1 % of it
+    assert 64 < best_order  # (the optimum lies above Opacus' default grid: the extended grid matters here)
+    # steps enter the composition: half the steps, smaller ε
+    half = tmp_path / "half.parquet"
+    assert run_cli(train_args(half, epsilon=epsilon, delta=delta, batch_size=b, steps=steps // 2, eval_every=0)) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want_half, _ = _opacus_epsilon(rdp, q, z, steps // 2, delta,
+                                       extra_orders=[read_metadata(half)["rdp_order"]])
+    assert float(pd.read_parquet(half)["epsilon_composed"].iloc[0]) == pytest.approx(want_half, rel=1e-2)
+
+
+def test_composed_epsilon_of_a_split_training_set_uses_each_workers_sampling_rate(tmp_path, opacus_rdp):
+    import warnings
+
+    out = tmp_path / "shards.parquet"
+    epsilon, delta, b, steps, n_train, h = 0.5, 1e-5, 16, 30, 512, 5  # 7 workers, 2 Byzantine
+    assert run_cli(train_args(out, epsilon=epsilon, delta=delta, batch_size=b, steps=steps, eval_every=0,
+                              partition="shards", attack="sign-flip")) == 0
+    got = float(pd.read_parquet(out)["epsilon_composed"].iloc[0])
+    smallest_share = n_train // h  # shards: near-equal contiguous parts of the label-sorted set
+    z = math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want, _ = _opacus_epsilon(opacus_rdp, b / smallest_share, z, steps, delta,
+                                  extra_orders=[read_metadata(out)["rdp_order"]])
+    assert got == pytest.approx(want, rel=1e-2)

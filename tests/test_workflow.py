@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -334,6 +335,67 @@ def test_only_the_fields_that_vary_are_wildcards(tmp_path):
         vn_wildcards = set(rules["vn"].wildcard_names)
     assert train_wildcards == {"gar", "attack", "epsilon", "sparsify", "batch_size", "byzantine_real"}
     assert vn_wildcards == {"epsilon", "sparsify", "batch_size"}
+
+@pytest.mark.parametrize("where", ["repository root", "elsewhere with --snakefile"])
+@pytest.mark.parametrize("profiles", [(), ("slurm",), ("slurm", "workflow/profiles/slurm-gpu"),
+                                      ("workflow/profiles/local",)])
+def test_plain_command_reads_the_default_workflow_profile(monkeypatch, tmp_path, where, profiles):
+    """`snakemake --cores all` resumes after an interruption without extra flags: Snakemake reads
+    profiles/default (next to the Snakefile, or in the working directory) as the workflow profile, and
+    applies it on top of --profile key by key without changing what the SLURM or local profile sets."""
+    from snakemake.cli import parse_args
+
+    argv = ["--cores", "2"] if not profiles else [a for p in profiles for a in ("--profile", str(REPO / p))]
+    if where == "repository root":
+        monkeypatch.chdir(REPO)
+    else:
+        monkeypatch.chdir(tmp_path)
+        argv += ["--snakefile", str(SNAKEFILE)]
+    _, args = parse_args(argv)
+    assert args.rerun_incomplete and args.keep_going and args.printshellcmds and args.show_failed_logs
+    assert args.scheduler == "greedy"
+    if "slurm" in profiles:
+        assert args.executor == "slurm" and args.jobs == 100 and args.latency_wait == 60
+        assert args.cores is None and not args.resources  # nothing local leaks into cluster runs
+        assert ("train" in args.set_resources) == ("workflow/profiles/slurm-gpu" in profiles)
+    else:
+        assert args.executor is None and args.latency_wait == 5
+    _, off = parse_args([*argv, "--workflow-profile", "none"])  # the documented way to leave it out
+    assert off.scheduler == ("greedy" if profiles else "ilp")
+    assert off.rerun_incomplete == bool(profiles)
+
+
+def test_smoke_config_has_the_default_configs_shape(tmp_path):
+    """CI's smoke run (README block ci:smoke) runs every rule of the main job: the same sections and
+    dataset/models as config/config.yaml, a few cells each."""
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    sections = ("train", "vn", "reconstruct")
+    assert all(s in default for s in sections) and all(s in smoke for s in sections)
+    for s in sections:
+        assert {k: smoke[s]["defaults"][k] for k in ("dataset", "model")} == \
+            {k: default[s]["defaults"][k] for k in ("dataset", "model")}
+    counts = snakemake_api(tmp_path, [REPO / "config" / "smoke.yaml"], dryrun=True)
+    assert counts == {"data": 1, "train": 4, "aggregate": 1, "plot": 1, "vn": 4, "vn_report": 1,
+                      "reconstruct": 2, "reconstruct_report": 1, "all": 1, "total": 16}
+
+
+def _readme_ci_blocks() -> dict[str, str]:
+    """``{name: commands}`` of the README's fenced blocks after ``<!-- ci:NAME -->`` markers, in order."""
+    text = (REPO / "README.md").read_text()
+    return dict(re.findall(r"^<!-- ci:([a-z]+) -->\n```bash\n(.*?)^```", text, flags=re.M | re.S))
+
+
+def test_ci_runs_every_readme_block_and_the_slow_tests_and_smoke_run():
+    blocks = _readme_ci_blocks()
+    run = (REPO / ".ci" / "run").read_text()
+    assert re.findall(r"^run_block (\w+)$", run, flags=re.M) == list(blocks)
+    assert list(blocks) == ["setup", "test", "slow", "smoke", "integration"]
+    assert blocks["slow"].strip() == ".venv/bin/python -m pytest -m slow"
+    smoke = blocks["smoke"].strip().splitlines()
+    assert smoke[0] == ".venv/bin/snakemake --cores all --configfile config/smoke.yaml"
+    assert smoke[1].startswith(".venv/bin/snakemake --configfile config/smoke.yaml --report ")
+
 
 def test_without_configfile_the_default_config_is_used(tmp_path):
     counts = snakemake_api(tmp_path, [], dryrun=True)

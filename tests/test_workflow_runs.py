@@ -5,6 +5,7 @@ and the offline report. Slow (each Snakemake start costs seconds here): ``pytest
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -73,47 +74,117 @@ def test_run_rerun_and_report_from_the_command_line(tmp_path):
     assert "accuracy.png" in html and "Test accuracy on the whole test split" in html
 
 
-def test_interrupted_run_resumes_without_redoing_finished_cells(tmp_path):
+class BackgroundRun:
+    """``snakemake ARGS`` started in its own process group (as a shell starts a foreground job), with its
+    output collected by a thread, so a test can wait for a condition and then signal the whole group."""
+
+    def __init__(self, workdir: Path, *args: str):
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
+        self.proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_until(self, condition, timeout: float = 300) -> None:
+        """Poll ``condition()`` until it holds; fails if the run ends first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the run ended before the condition held:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, self.output()[-3000:]
+            time.sleep(0.02)
+
+    def signal_group(self, sig: int) -> int:
+        """Send ``sig`` to the run's process group (Ctrl-C: SIGINT; ``kill -9 -PGID``: SIGKILL); its exit code."""
+        os.killpg(self.proc.pid, sig)
+        code = self.proc.wait(timeout=120)
+        self.reader.join(timeout=30)
+        if sig == signal.SIGKILL:  # jobs of the group die with it; make sure none outlives the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return code
+
+
+def _four_cells(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """Four logistic cells on generated data (each job ~4 s here, mostly start-up), run two at a time."""
     cfg = tiny_config()
-    cfg["train"]["grid"][0]["batch_size"] = [10, 20, 30]
-    cfg["train"]["defaults"]["steps"] = 2000
+    cfg["train"]["grid"][0]["batch_size"] = [10, 20]
+    cfg["train"]["grid"][1]["batch_size"] = [10, 20]
+    cfg["train"]["defaults"]["steps"] = 300
+    cfg["train"]["defaults"]["eval_every"] = 100
+    cfg["plots"] = {"formats": ["html"]}  # no PNG rendering: the run is about the cells
     path = write_config(tmp_path / "four.yaml", cfg)
     targets = [tmp_path / s.path("results") for s in cells(path).values()]
     assert len(targets) == 4
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
-           "--cores", "1", "--configfile", str(path)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 400
-    # wait until Snakemake has registered the first finished cell and started the next one
-    def started_second() -> bool:
-        text = "".join(lines)
-        return "Finished jobid" in text and text.count("rule train:") >= 2
+    return path, targets
 
-    while not started_second():
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-2000:]
-        time.sleep(0.1)
-    time.sleep(2.0)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
-    proc.wait(timeout=120)
-    reader.join(timeout=10)
-    out = "".join(lines)
-    assert proc.returncode != 0, out[-2000:]
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*.tmp")]
+
+
+def _check_resumed(resumed: subprocess.CompletedProcess, targets: list[Path], stamps: dict[Path, int],
+                   root: Path) -> None:
+    """The resumed run succeeded, made every cell and reran only missing cells and those that were still
+    running when the first run was stopped (at most 2 jobs at a time): every other finished cell keeps
+    its file."""
+    first_error = resumed.stdout.find("Error in rule")
+    assert resumed.returncode == 0, resumed.stdout[max(first_error, 0):][:6000] or resumed.stdout[-3000:]
+    assert all(t.exists() for t in targets)
+    for t in targets:
+        assert len(pd.read_parquet(t)) == 301  # never half a file: steps 0..300
+    missing = len(targets) - len(stamps)
+    trained = job_counts(resumed.stdout)["train"]
+    assert missing <= trained <= missing + 2, (missing, trained)
+    kept = [t for t, stamp in stamps.items() if t.stat().st_mtime_ns == stamp]
+    assert len(kept) == len(stamps) - (trained - missing)
+    assert not _temporaries(root), "temporary files left behind"
+
+
+def test_interrupted_run_resumes_with_the_same_command(tmp_path):
+    """Ctrl-C (SIGINT to the foreground group) as soon as a first cell's file appears — the moment a job
+    has just written its output and Snakemake has not yet registered it as finished (the file is
+    complete but still flagged incomplete). The same command, without extra flags, resumes: the
+    workflow profile (profiles/default) sets rerun-incomplete."""
+    path, targets = _four_cells(tmp_path)
+    command = ("--cores", "2", "--configfile", str(path))
+    run = BackgroundRun(tmp_path, *command)
+    run.wait_until(lambda: any(t.exists() for t in targets))
+    code = run.signal_group(signal.SIGINT)
+    assert code != 0, run.output()[-2000:]
     done = [t for t in targets if t.exists()]
-    assert len(done) == 1, out[-2000:]
-    for t in done:  # never half a file
-        assert len(pd.read_parquet(t)) == 2001
-    assert not list((tmp_path / "results").rglob(".*.tmp")), "temporary files left behind"
+    assert 1 <= len(done) < len(targets), run.output()[-2000:]  # interrupted for real
     stamps = {t: t.stat().st_mtime_ns for t in done}
 
-    resumed = snakemake_cli(tmp_path, "--cores", "2", "--configfile", str(path))  # the same command again
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert job_counts(resumed.stdout)["train"] == 3
-    assert {t: t.stat().st_mtime_ns for t in done} == stamps
-    assert all(t.exists() for t in targets)
+    resumed = snakemake_cli(tmp_path, *command)  # the same command again
+    assert "IncompleteFilesException" not in resumed.stdout
+    _check_resumed(resumed, targets, stamps, tmp_path / "results")
+
+
+def test_killed_run_resumes_after_unlock(tmp_path):
+    """SIGKILL to Snakemake and its jobs (``kill -9``, a lost node) while cells run: the working directory
+    stays locked (Snakemake 9 has no stale-lock detection), so the same command stops with the lock
+    message; ``snakemake --unlock`` (the README's one line) and then the same command resume."""
+    path, targets = _four_cells(tmp_path)
+    command = ("--cores", "2", "--configfile", str(path))
+    run = BackgroundRun(tmp_path, *command)
+    run.wait_until(lambda: any(t.exists() for t in targets))
+    assert run.signal_group(signal.SIGKILL) == -signal.SIGKILL
+    done = [t for t in targets if t.exists()]
+    assert 1 <= len(done) < len(targets)
+    stamps = {t: t.stat().st_mtime_ns for t in done}
+
+    locked = snakemake_cli(tmp_path, *command)
+    assert locked.returncode != 0 and "Directory cannot be locked" in locked.stdout, locked.stdout[-3000:]
+    assert all(t.stat().st_mtime_ns == stamp for t, stamp in stamps.items())  # it touched nothing
+    unlock = snakemake_cli(tmp_path, "--configfile", str(path), "--unlock")
+    assert unlock.returncode == 0, unlock.stdout[-3000:]
+    resumed = snakemake_cli(tmp_path, *command)
+    assert "IncompleteFilesException" not in resumed.stdout
+    _check_resumed(resumed, targets, stamps, tmp_path / "results")
 
 
 def test_keep_going_finishes_the_other_cells_and_logs_why_one_failed(tmp_path):

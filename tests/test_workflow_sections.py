@@ -8,6 +8,9 @@ configuration errors, and known answers of the report functions.
 from __future__ import annotations
 
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +19,7 @@ import yaml
 
 from dpbr.report import inversion_report, vn_report
 from dpbr.spec import ReconSpec, RunSpec, VNSpec, run_token
-from tests.test_workflow import REPO, SYNTH, snakemake_api, tiny_config, write_config
+from tests.test_workflow import REPO, SNAKEFILE, SYNTH, snakemake_api, tiny_config, write_config
 
 IMAGES = "synthetic(n=40,n_test=20)"
 
@@ -60,6 +63,42 @@ def _sections_config() -> dict:
     return config
 
 
+def report_captions(workdir: Path, configfiles: list[Path]) -> list[tuple[str, str, Path]]:
+    """``(rule, file, caption)`` of every file flagged for ``snakemake --report`` among the inputs and
+    outputs of every job of the workflow's DAG — the files and captions the report collects."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.io import get_flag_value, is_flagged
+    from snakemake.scheduling.greedy import SchedulerSettings as GreedySettings
+    from snakemake.settings.types import (ConfigSettings, ExecutionSettings, OutputSettings, Quietness,
+                                          ResourceSettings, SchedulingSettings)
+
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                          config_settings=ConfigSettings(configfiles=[Path(c).resolve() for c in configfiles]),
+                          snakefile=SNAKEFILE, workdir=Path(workdir))
+        wf.dag().execute_workflow(executor="local", pseudo_executor="dryrun", execution_settings=ExecutionSettings(),
+                                  scheduling_settings=SchedulingSettings(scheduler="greedy"),
+                                  scheduler_settings=GreedySettings())
+        return [(job.rule.name, str(f), Path(get_flag_value(f, "report").caption.get_path_or_uri(secret_free=True)))
+                for job in wf._workflow.dag.jobs for f in [*job.output, *job.input] if is_flagged(f, "report")]
+
+
+def test_every_report_caption_resolves_to_the_workflows_report_folder(tmp_path):
+    """Train + VN + reconstruction sections (the default config's shape): every file the report collects
+    has its caption in workflow/report/, whichever job (producer or rule `all`) the report meets it in.
+    Rule `all`'s inputs once carried the report flags with captions resolved from the Snakefile's
+    folder (`<repo>/../report/…`), and `snakemake --report` failed after the default run."""
+    cfg = write_config(tmp_path / "config.yaml", _sections_config())
+    captions = report_captions(tmp_path, [cfg])
+    report_dir = (REPO / "workflow" / "report").resolve()
+    rules = {rule for rule, _, _ in captions}
+    assert rules == {"aggregate", "plot", "vn_report", "reconstruct_report"}  # producers only, not `all`
+    for rule, path, caption in captions:
+        assert caption.resolve().parent == report_dir and caption.is_file(), (rule, path, caption)
+    names = {Path(path).name for _, path, _ in captions}
+    assert {"accuracy_vs_ratio.png", "privacy_utility.png", "vn_min_b.csv", "reconstruct_table.csv"} <= names
+
+
 @pytest.mark.slow
 def test_tiny_run_of_vn_trajectory_and_reconstruction_with_reports(tmp_path):
     cfg = write_config(tmp_path / "config.yaml", _sections_config())
@@ -89,6 +128,17 @@ def test_tiny_run_of_vn_trajectory_and_reconstruction_with_reports(tmp_path):
     assert "<script" in html and "cdn.jsdelivr" not in html  # self-contained: works offline
     pngs = list((results / "reconstruct").rglob("*.png"))
     assert len(pngs) == 5
+
+    # the offline report of all three sections, as the README builds it
+    report = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+                             str(tmp_path), "--configfile", str(cfg), "--report", "results/report.html"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout[-3000:]
+    html = (results / "report.html").read_text()
+    for caption in ("vn_accuracy_vs_ratio", "vn_min_b", "reconstruct_privacy_utility", "accuracy"):
+        first_words = " ".join((REPO / "workflow" / "report" / f"{caption}.rst").read_text().split()[:4])
+        assert first_words in html, caption
+    assert not re.search(r"<script[^>]+src=[\"']https?:", html)  # offline
 
 
 def test_tiny_run_of_one_vn_and_one_reconstruction_cell(tmp_path):

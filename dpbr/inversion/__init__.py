@@ -1,4 +1,6 @@
-"""Gradient inversion: reconstruct training images from the gradient a worker shares (REFERENCE §6).
+"""Gradient inversion: reconstruct training images from the gradient a worker shares — DLG (Zhu, Liu,
+Han 2019, arXiv 1906.08935), iDLG (Zhao, Mopuri, Bilen 2020, arXiv 2001.02610), Inverting Gradients
+(Geiping et al. 2020, arXiv 2003.14053).
 
 Modules
 -------

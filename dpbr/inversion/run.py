@@ -61,25 +61,20 @@ Progress = Callable[[int, int], None]
 
 
 def load_checkpoint(path: str | Path, spec: ReconSpec) -> dict[str, Any]:
-    """Read a ``dpbr train`` checkpoint (``{"step", "theta", "spec"}``) and check it fits ``spec``.
+    """Read and verify a ``dpbr train`` checkpoint (:func:`dpbr.checkpoints.load`) and check it fits ``spec``.
 
     Raises
     ------
     UsageError
-        ``--state``: missing or unreadable file, wrong content, or a checkpoint of another
-        model/dataset than ``spec``'s.
+        ``--state``: missing, unreadable, corrupt (checksum mismatch) or old-format file, wrong
+        content, or a checkpoint of another model/dataset than ``spec``'s.
     """
+    from dpbr import checkpoints
+
     p = Path(path)
-    if not p.is_file():
-        raise UsageError("--state", f"checkpoint {str(p)!r} not found; give 'initial' or a file written by "
+    ckpt = checkpoints.load(p, option="--state",
+                            missing=f"checkpoint {str(p)!r} not found; give 'initial' or a file written by "
                                     "'dpbr train --checkpoint-steps' (…/step=S.pt)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise UsageError("--state", f"cannot read checkpoint {str(p)!r}: {' '.join(str(exc).split())[:200]}") from None
-    if not isinstance(ckpt, dict) or not {"theta", "spec"} <= set(ckpt) or not isinstance(ckpt["spec"], dict) \
-            or not isinstance(ckpt["theta"], torch.Tensor):
-        raise UsageError("--state", f"{str(p)!r} is not a dpbr train checkpoint (expected keys step, theta, spec)")
     from dpbr import data
     from dpbr.registry import canonical
 

@@ -96,7 +96,10 @@ GeneratorArg = Union["torch.Generator", Sequence["torch.Generator"], None]
 STAGES: dict[str, int] = {"clip": 0, "noise": 1, "sparsify": 2, "quantize": 3}
 _STAGE_NAMES = {v: k for k, v in STAGES.items()}
 
-_OPTION = "--privacy"
+#: What a UsageError about a mechanism spec names. No command-line option takes a whole mechanism
+#: spec except ``dpbr reconstruct --defence``; the commands re-raise these errors under their own
+#: option (``--defence``, ``--quantize``), so this label only reaches direct library callers.
+_OPTION = "mechanism"
 
 registry: Registry["Mechanism"] = Registry(kind="privacy mechanism", option=_OPTION)
 
@@ -625,7 +628,8 @@ _QUANT_KINDS = ("uniform", "stochastic", "sign", "qsgd", "fp16", "bf16")
 
 
 class Quantize(Mechanism):
-    r"""Gradient quantization (the defences studied in seed 002), per worker row ``x ∈ R^d``.
+    r"""Gradient quantization (a defence against gradient inversion, e.g. DLG, Zhu et al. 2019, arXiv
+    1906.08935), per worker row ``x ∈ R^d``.
 
     ``kind="uniform"`` (deterministic, ``bits`` = B, default 8): the ``L = 2^B`` grid points
     :math:`m + j\Delta`, :math:`j = 0..L-1`, :math:`m = \min x`, :math:`\Delta = (\max x - m)/(L-1)`;
@@ -849,7 +853,7 @@ def get(name: str, **params: Any) -> Mechanism:
     Raises
     ------
     dpbr.errors.UsageError
-        Unknown name or parameter, bad value, two mechanisms of one stage (option ``--privacy``, or
+        Unknown name or parameter, bad value, two mechanisms of one stage (labelled ``mechanism``, or
         ``--epsilon``/``--delta``/``--clip``/``--batch-size``/``--sigma`` for those values).
     """
     if isinstance(name, Mechanism):

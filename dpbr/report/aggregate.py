@@ -30,12 +30,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dpbr.errors import UsageError
-from dpbr.io import atomic_path, write_parquet
+from dpbr.io import atomic_path, check_folder, write_parquet
 from dpbr.registry import format_float
 from dpbr.report.grid import spec_fields
+from dpbr.report.inputs import read_table
 from dpbr.report.layout import summary_paths
 from dpbr.spec import RunSpec
 
@@ -54,6 +54,12 @@ __all__ = [
 
 #: The parameters that identify a group of seeds: every RunSpec field except ``seed``.
 GROUP_FIELDS: tuple[str, ...] = tuple(f for f in spec_fields(RunSpec) if f != "seed")
+
+#: Columns every ``dpbr train`` cell file must have to be aggregated (the tables below read them).
+CELL_COLUMNS: tuple[str, ...] = ("cell_id", "step", "train_loss", "test_accuracy", "test_loss", "status",
+                                 *spec_fields(RunSpec))
+_CELL_TEXTS = ("cell_id", "status", "dataset", "model", "gar", "attack", "clip_mode", "quantize", "partition")
+_CELL_NUMBERS = tuple(c for c in CELL_COLUMNS if c not in _CELL_TEXTS)
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -134,17 +140,13 @@ def load_metrics(files: Sequence[str | Path]) -> pd.DataFrame:
     """
     if not files:
         raise UsageError("PATHS", "no cell files to aggregate")
-    tables = []
-    for f in files:
-        try:
-            tables.append(pq.read_table(f).replace_schema_metadata(None))
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise UsageError("PATHS", f"cannot read {str(f)!r}: {' '.join(str(exc).split())}") from None
-    table = pa.concat_tables(tables, promote_options="default")
+    tables = [read_table(f, "PATHS", "a dpbr train cell file", required=CELL_COLUMNS, numbers=_CELL_NUMBERS,
+                         texts=_CELL_TEXTS) for f in files]
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except pa.ArrowException as exc:  # e.g. a column of integers in one file and text in another
+        raise UsageError("PATHS", f"the cell files do not share column types: {' '.join(str(exc).split())}") from None
     frame = table.to_pandas()
-    missing = [c for c in ("cell_id", "step", "test_accuracy", "status", *GROUP_FIELDS) if c not in frame.columns]
-    if missing:
-        raise UsageError("PATHS", f"not dpbr train files: column {missing[0]!r} is missing")
     cells = frame.drop_duplicates("cell_id")[["cell_id", "epsilon", "sparsify", "quantize", "gar", "attack"]]
     labels = pd.DataFrame({
         "cell_id": cells["cell_id"].to_numpy(),
@@ -267,13 +269,22 @@ def aggregate(files: Sequence[str | Path], out_dir: str | Path) -> dict[str, Pat
     """Write the summary tables of ``files`` into ``out_dir`` (atomically); returns ``{key: path}``.
 
     Keys and names: :data:`dpbr.report.layout.SUMMARY_FILES`.
+
+    Raises
+    ------
+    UsageError
+        An unusable input file (``PATHS``) or an ``out_dir`` that cannot be created or written
+        (``--out-dir``); both are checked before anything is written.
     """
     import dpbr
 
     metrics = load_metrics(files)
     final = final_accuracy_table(metrics)
     curves = curves_table(metrics)
-    paths = summary_paths(out_dir)
+    paths = summary_paths(check_folder(out_dir, "--out-dir"))
+    for path in paths.values():
+        if path.is_dir():
+            raise UsageError("--out-dir", f"{str(path)!r} is a folder; the summary file cannot be written there")
     meta = {"kind": "summary", "cells": int(metrics["cell_id"].nunique()), "groups": int(len(final)),
             "dpbr_version": dpbr.__version__}
     write_parquet(metrics, paths["metrics"], meta)

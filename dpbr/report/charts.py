@@ -27,11 +27,20 @@ import numpy as np
 import pandas as pd
 
 from dpbr.errors import UsageError
-from dpbr.io import atomic_path
+from dpbr.io import atomic_path, check_folder
 from dpbr.report.aggregate import GROUP_FIELDS
+from dpbr.report.inputs import read_frame
 from dpbr.report.layout import FIGURES, FORMATS, figure_group, figure_path, summary_paths
 
 __all__ = ["accuracy_chart", "final_accuracy_chart", "loss_chart", "note_chart", "plot", "save_chart", "series_labels"]
+
+#: Columns of the summaries (dpbr.report.aggregate) the charts read; text columns among them.
+CURVES_COLUMNS: tuple[str, ...] = ("dataset", "model", "pair", "privacy", "privacy_rank", "batch_size", "step",
+                                   "accuracy_mean", "accuracy_std", "accuracy_n", "train_loss_mean",
+                                   "train_loss_std", "train_loss_n")
+FINAL_COLUMNS: tuple[str, ...] = ("dataset", "model", "pair", "privacy", "privacy_rank", "batch_size",
+                                  "accuracy_mean", "accuracy_std", "accuracy", "completed", "diverged")
+_TEXTS = ("dataset", "model", "pair", "privacy", "accuracy")
 
 #: Fields shown by facets or colour; any other field that varies within a figure joins the series label.
 _SHOWN = {"dataset", "model", "gar", "attack", "epsilon", "sparsify", "quantize", "batch_size"}
@@ -224,15 +233,19 @@ def plot(summary_dir: str | Path, figures_dir: str | Path, *, dataset: str | Non
     for key in ("curves", "final"):
         if not paths[key].exists():
             raise UsageError("--summary-dir", f"{str(paths[key])!r} is missing; run `dpbr aggregate` first")
-    curves = pd.read_parquet(paths["curves"])
-    final = pd.read_parquet(paths["final"])
+    what = "a summary of `dpbr aggregate` (run it again)"
+    curves = read_frame(paths["curves"], "--summary-dir", what, required=CURVES_COLUMNS,
+                        numbers=[c for c in CURVES_COLUMNS if c not in _TEXTS], texts=_TEXTS)
+    final = read_frame(paths["final"], "--summary-dir", what, required=FINAL_COLUMNS,
+                       numbers=[c for c in FINAL_COLUMNS if c not in _TEXTS], texts=_TEXTS)
+    check_folder(figures_dir, "--out-dir")
+    all_final = final
     if dataset is not None:
         curves, final = curves[curves["dataset"] == dataset], final[final["dataset"] == dataset]
     if model is not None:
         curves, final = curves[curves["model"] == model], final[final["model"] == model]
     if curves.empty:
-        known = ", ".join(sorted({figure_group(d, m) for d, m in zip(pd.read_parquet(paths["final"])["dataset"],
-                                                                     pd.read_parquet(paths["final"])["model"])}))
+        known = ", ".join(sorted({figure_group(d, m) for d, m in zip(all_final["dataset"], all_final["model"])}))
         raise UsageError("--dataset/--model", f"no cells match; groups in the summary: {known or 'none'}")
     written: list[Path] = []
     for (ds, mdl), group_curves in curves.groupby(["dataset", "model"], sort=True):

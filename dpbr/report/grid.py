@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from dpbr.errors import UsageError
 from dpbr.spec import CellSpec
 
-__all__ = ["expand", "spec_fields", "schema_error_message", "describe"]
+__all__ = ["describe", "did_you_mean", "expand", "schema_error_message", "spec_fields"]
 
 
 def spec_fields(spec_cls: type[CellSpec]) -> list[str]:
@@ -48,6 +48,23 @@ def _shorten(text: str, limit: int) -> str:
 def describe(values: Mapping[str, Any], limit: int = 200) -> str:
     """``{a: 1, b: 'x'}`` → ``"a=1, b='x'"`` (shortened to ``limit`` characters), for messages."""
     return _shorten(", ".join(f"{k}={v!r}" for k, v in values.items()), limit)
+
+
+def did_you_mean(key: str, names: Iterable[str]) -> str | None:
+    """The name in ``names`` closest to ``key`` when it is close enough to be a typo of it
+    (``batch_sizes`` → ``batch_size``), else None (:func:`difflib.get_close_matches`, cutoff 0.8)."""
+    import difflib
+
+    if not isinstance(key, str):
+        return None
+    match = difflib.get_close_matches(key, list(names), n=1, cutoff=0.8)
+    return match[0] if match else None
+
+
+def _hint(key: Any, names: Iterable[str]) -> str:
+    """``"; did you mean 'batch_size'?"`` when ``key`` looks like a typo of one of ``names``, else ``""``."""
+    near = did_you_mean(key, names)
+    return f"; did you mean {near!r}?" if near else ""
 
 
 def _as_list(values: Any) -> tuple[list[Any], bool]:
@@ -73,6 +90,10 @@ def _dimension(section: str, index: int, key: str, values: Any, fields: Sequence
                 raise UsageError(at(j), f"{v!r} is not a single value; {key} takes one value per grid entry")
         return [{key: (v, at(j))} for j, v in enumerate(items)]
     options: list[dict[str, tuple[Any, str]]] = []
+    near = did_you_mean(key, fields)
+    if near and not all(isinstance(b, Mapping) for b in items):  # a misspelt parameter, not a bundle
+        raise UsageError(where, f"unknown key {key!r}; did you mean {near!r}? (a key that is not a parameter "
+                                "is a bundle: a list of mappings parameter → value)")
     for j, bundle in enumerate(items):
         if not isinstance(bundle, Mapping):
             raise UsageError(
@@ -84,7 +105,7 @@ def _dimension(section: str, index: int, key: str, values: Any, fields: Sequence
             raise UsageError(at(j), "is an empty mapping; a bundle entry sets at least one parameter")
         for k in bundle:
             if k not in fields:
-                raise UsageError(f"{at(j)}.{k}", f"unknown parameter; allowed: {', '.join(fields)}")
+                raise UsageError(f"{at(j)}.{k}", f"unknown parameter; allowed: {', '.join(fields)}{_hint(k, fields)}")
         options.append({k: (v, f"{at(j)}.{k}") for k, v in bundle.items()})
     return options
 
@@ -136,7 +157,7 @@ def expand(config: Mapping[str, Any] | None, spec_cls: type[CellSpec], section: 
         raise UsageError(f"{section}.defaults", f"must be a mapping parameter → value, got {defaults!r}")
     for k, v in defaults.items():
         if k not in fields:
-            raise UsageError(f"{section}.defaults.{k}", f"unknown parameter; allowed: {', '.join(fields)}")
+            raise UsageError(f"{section}.defaults.{k}", f"unknown parameter; allowed: {', '.join(fields)}{_hint(k, fields)}")
     base = {k: (v, f"{section}.defaults.{k}") for k, v in defaults.items()}
     grid = config.get("grid")
     if grid is None:
@@ -175,6 +196,24 @@ def _key_path(parts: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
+def _misspelt_grid_key(path: list[Any], validator: Any) -> str | None:
+    """The message for a sub-grid key that is not a parameter and holds plain values instead of a
+    bundle's mappings, when it looks like a typo of a parameter: the schema sees a bundle of the wrong
+    type (``train.grid[0].batch_sizes[0]: 10 is not of type 'object'``), the user meant ``batch_size``."""
+    from dpbr.spec import ReconSpec, RunSpec, VNSpec
+
+    specs = {"train": RunSpec, "vn": VNSpec, "reconstruct": ReconSpec}
+    if (validator != "type" or len(path) not in (4, 5) or path[0] not in specs or path[1] != "grid"
+            or not isinstance(path[2], int) or not isinstance(path[3], str)):
+        return None
+    key, fields = path[3], spec_fields(specs[path[0]])
+    near = did_you_mean(key, fields) if key not in fields else None
+    if near is None:
+        return None
+    return (f"{path[0]}.grid[{path[2]}].{key}: unknown key {key!r}; did you mean {near!r}? (a key that is not a "
+            "parameter is a bundle: a list of mappings parameter → value)")
+
+
 def schema_error_message(error: Any) -> str:
     """One line for a :class:`jsonschema.ValidationError`: the key, the value and what is allowed.
 
@@ -188,7 +227,10 @@ def schema_error_message(error: Any) -> str:
         extra = sorted(k for k in error.instance if k not in allowed)
         if extra and allowed and schema.get("additionalProperties") is False:
             key = f"{where}.{extra[0]}" if where != "(top level)" else extra[0]
-            return f"{key}: unknown key; allowed: {', '.join(allowed)}"
+            return f"{key}: unknown key; allowed: {', '.join(allowed)}{_hint(extra[0], allowed)}"
+    typo = _misspelt_grid_key(list(error.absolute_path), error.validator)
+    if typo is not None:
+        return typo
     allowed_text = schema.get("description")
     value = error.instance
     shown = _shorten(repr(value), 120)

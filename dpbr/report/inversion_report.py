@@ -1,4 +1,4 @@
-"""``dpbr reconstruct-report``: summary tables and figures of gradient-inversion cells (issue 6).
+"""``dpbr reconstruct-report``: summary tables and figures of gradient-inversion cells.
 
 Inputs are ``dpbr reconstruct`` cell files (one row per reconstructed image, see
 :mod:`dpbr.inversion.run`) and, optionally, the training grid's final-accuracy table. Outputs:
@@ -30,7 +30,8 @@ import pandas as pd
 from dpbr.errors import UsageError
 from dpbr.registry import format_term, parse
 from dpbr.report.aggregate import privacy_label
-from dpbr.io import write_csv, write_parquet
+from dpbr.io import check_folder, write_csv, write_parquet
+from dpbr.report.inputs import read_frame, read_train_final
 from dpbr.report.charts import note_chart, save_chart
 
 __all__ = [
@@ -53,17 +54,21 @@ FIGURES: tuple[str, ...] = ("psnr_vs_batch", "success_vs_batch", "privacy_utilit
 #: Fields of a reconstruction cell that identify it up to its seed.
 CELL_FIELDS: tuple[str, ...] = ("dataset", "model", "normalize", "state", "attack", "labels", "defence",
                                 "batch_size", "iterations", "restarts", "lr", "tv")
+#: Columns every ``dpbr reconstruct`` cell file must have to be reported; text columns among them.
+RECON_COLUMNS: tuple[str, ...] = (*CELL_FIELDS, "seed", "mse", "psnr", "ssim", "success_1e-2", "success_1e-3",
+                                  "success_1e-4", "label_correct", "status", "seconds")
+_RECON_TEXTS = ("dataset", "model", "state", "attack", "labels", "defence", "status")
+#: Columns of the training grid's final-accuracy table (``--train-final``) that the comparison reads.
+TRAIN_FINAL_COLUMNS: tuple[str, ...] = ("dataset", "model", "pair", "privacy", "batch_size", "accuracy_mean")
 
 
 def load_reconstructions(files: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate ``dpbr reconstruct`` cell files (one row per image)."""
     if not files:
-        raise UsageError("--files-from", "no reconstruction cell files given; run `dpbr reconstruct` or the workflow first")
-    frames = []
-    for path in files:
-        if not Path(path).exists():
-            raise UsageError("--files-from", f"{str(path)!r} does not exist")
-        frames.append(pd.read_parquet(path))
+        raise UsageError("PATHS", "no reconstruction cell files given; run `dpbr reconstruct` or the workflow first")
+    frames = [read_frame(path, "PATHS", "a dpbr reconstruct cell file", required=RECON_COLUMNS, texts=_RECON_TEXTS,
+                         numbers=[c for c in RECON_COLUMNS if c not in _RECON_TEXTS])
+              for path in files]
     rows = pd.concat(frames, ignore_index=True)
     rows["defence"] = rows["defence"].fillna("none").astype(str)
     return rows
@@ -194,18 +199,18 @@ def reconstruct_report(files: Sequence[str | Path], summary_dir: str | Path, fig
     no defence maps to a trained privacy setting).
     """
     rows = load_reconstructions(files)
+    final = None if train_final is None else read_train_final(train_final, TRAIN_FINAL_COLUMNS)
     table = reconstruction_table(rows)
-    summary_dir, figures_dir = Path(summary_dir), Path(figures_dir)
+    summary_dir = check_folder(summary_dir, "--summary-dir")
+    figures_dir = check_folder(figures_dir, "--out-dir")
     written = [
         write_parquet(rows, summary_dir / SUMMARY_FILES["rows"]),
         write_parquet(table, summary_dir / SUMMARY_FILES["table"]),
         write_csv(table, summary_dir / SUMMARY_FILES["table_csv"]),
     ]
     charts = {"psnr_vs_batch": psnr_vs_batch_chart(table), "success_vs_batch": success_vs_batch_chart(table)}
-    if train_final is not None:
-        if not Path(train_final).exists():
-            raise UsageError("--train-final", f"{str(train_final)!r} does not exist; run `dpbr aggregate` first")
-        joined = privacy_utility_table(table, pd.read_parquet(train_final))
+    if final is not None:
+        joined = privacy_utility_table(table, final)
         charts["privacy_utility"] = privacy_utility_chart(joined) if not joined.empty else note_chart(
             "No defence of the reconstruction grid matches a privacy setting of the training grid.")
     for name, chart in charts.items():

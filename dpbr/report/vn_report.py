@@ -1,4 +1,4 @@
-"""``dpbr vn-report``: summary tables and figures of VN-ratio cells (issue 5).
+"""``dpbr vn-report``: summary tables and figures of VN-ratio cells.
 
 Inputs are ``dpbr vn`` cell files (one row per model × b × privacy × checkpoint, see
 :mod:`dpbr.vn.measure`) and, optionally, the training grid's final-accuracy table
@@ -11,7 +11,7 @@ Inputs are ``dpbr vn`` cell files (one row per model × b × privacy × checkpoi
     The smallest batch size meeting ``r(b) ≤ k_F(n, f)`` per (model, parameters, privacy, rule) —
     :func:`dpbr.vn.minimal_b_table` — for the rules with a bound at the cells' ``(n, f)`` (MDA,
     median at n = 11, f = 5) and for Krum and Bulyan at the largest f they accept (f = 2 at n = 11:
-    ``n ≥ 4f + 3``), next to the Table-1 scaling of seed 001 (``sqrt(n·d)`` for Krum/Bulyan,
+    ``n ≥ 4f + 3``), next to the batch-size scaling derived by Guerraoui et al. 2021, arXiv 2102.08166 (``sqrt(n·d)`` for Krum/Bulyan,
     ``f·sqrt(d)/(n − f)`` for MDA).
 ``ratio_vs_b``
     VN ratio vs b on log-log axes with its bootstrap interval, one panel per (model, parameters) row
@@ -33,8 +33,11 @@ import numpy as np
 import pandas as pd
 
 from dpbr.errors import UsageError
-from dpbr.io import write_csv, write_parquet
+from dpbr.io import check_folder, write_csv, write_parquet
 from dpbr.report.aggregate import privacy_label
+from dpbr.report.grid import spec_fields
+from dpbr.report.inputs import read_frame, read_train_final
+from dpbr.spec import VNSpec
 from dpbr.report.charts import note_chart, save_chart
 
 __all__ = [
@@ -50,6 +53,12 @@ __all__ = [
 ]
 
 SUMMARY_FILES: dict[str, str] = {"rows": "vn.parquet", "min_b": "vn_min_b.parquet", "min_b_csv": "vn_min_b.csv"}
+#: Columns every ``dpbr vn`` cell file must have to be reported (the spec's fields and the ratio).
+VN_COLUMNS: tuple[str, ...] = (*spec_fields(VNSpec), "cell_id", "vn_ratio", "vn_ratio_ci_low", "vn_ratio_ci_high")
+_VN_TEXTS = ("dataset", "model", "run", "clip_mode", "cell_id")
+#: Columns of the training grid's final-accuracy table (``--train-final``) that the comparison reads.
+TRAIN_FINAL_COLUMNS: tuple[str, ...] = ("dataset", "model", "batch_size", "privacy", "pair", "gar", "workers",
+                                        "byzantine", "accuracy_mean")
 FIGURES: tuple[str, ...] = ("ratio_vs_b", "accuracy_vs_ratio")
 _PANEL = {"width": 220, "height": 160}
 
@@ -58,12 +67,9 @@ def load_vn(files: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate ``dpbr vn`` cell files and add ``privacy`` (the training grid's label, e.g. ``ε=0.2``)
     and ``parameters`` (``init`` or ``run <id> step <S>``)."""
     if not files:
-        raise UsageError("--files-from", "no VN cell files given; run `dpbr vn` or the workflow first")
-    frames = []
-    for path in files:
-        if not Path(path).exists():
-            raise UsageError("--files-from", f"{str(path)!r} does not exist")
-        frames.append(pd.read_parquet(path))
+        raise UsageError("PATHS", "no VN cell files given; run `dpbr vn` or the workflow first")
+    frames = [read_frame(path, "PATHS", "a dpbr vn cell file", required=VN_COLUMNS, texts=_VN_TEXTS,
+                         numbers=[c for c in VN_COLUMNS if c not in _VN_TEXTS]) for path in files]
     rows = pd.concat(frames, ignore_index=True)
     rows["privacy"] = [privacy_label(e, s) for e, s in zip(rows["epsilon"], rows["sparsify"])]
     rows["parameters"] = np.where(rows["run"] == "init", "init",
@@ -209,7 +215,9 @@ def vn_report(files: Sequence[str | Path], summary_dir: str | Path, figures_dir:
     no training cell shares dataset, model, b and privacy with the VN cells).
     """
     rows = load_vn(files)
-    summary_dir, figures_dir = Path(summary_dir), Path(figures_dir)
+    final = None if train_final is None else read_train_final(train_final, TRAIN_FINAL_COLUMNS)
+    summary_dir = check_folder(summary_dir, "--summary-dir")
+    figures_dir = check_folder(figures_dir, "--out-dir")
     min_b = min_b_summary(rows)
     written = [
         write_parquet(rows, summary_dir / SUMMARY_FILES["rows"]),
@@ -217,10 +225,8 @@ def vn_report(files: Sequence[str | Path], summary_dir: str | Path, figures_dir:
         write_csv(min_b, summary_dir / SUMMARY_FILES["min_b_csv"]),
     ]
     charts = {"ratio_vs_b": ratio_vs_b_chart(rows, min_b)}
-    if train_final is not None:
-        if not Path(train_final).exists():
-            raise UsageError("--train-final", f"{str(train_final)!r} does not exist; run `dpbr aggregate` first")
-        joined = join_accuracy(rows, pd.read_parquet(train_final))
+    if final is not None:
+        joined = join_accuracy(rows, final)
         charts["accuracy_vs_ratio"] = accuracy_vs_ratio_chart(joined) if not joined.empty else note_chart(
             "No training cell shares (dataset, model, b, privacy) with the VN cells: nothing to compare.")
     for name, chart in charts.items():

@@ -187,7 +187,7 @@ NETWORK_MIN_COLUMNS = 32768
 @functools.lru_cache(maxsize=64)
 def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     """Comparators ``(i, j)``, ``i < j``, of Batcher's merge-exchange sort of ``n`` items (Knuth, TAOCP
-    vol. 3, §5.2.2, Algorithm M): 9 comparators for ``n = 5``, 37 for 11, 138 for 25."""
+    vol. 3, section 5.2.2, Algorithm M): 9 comparators for ``n = 5``, 37 for 11, 138 for 25."""
     pairs: list[tuple[int, int]] = []
     if n < 2:
         return ()
@@ -265,26 +265,57 @@ def sum_rows(rows: list[Tensor], out: Tensor | None = None) -> Tensor:
 def mean_closest(S: list[Tensor], center: Tensor, k: int) -> Tensor:
     """Per column, the mean of the ``k`` values of the sorted rows ``S`` closest to ``center``.
 
-    The ``k`` values nearest a point form a window of ``k`` consecutive sorted values; of the
-    ``n − k + 1`` windows the one whose farthest end is nearest wins (ties: the lower window). The
-    windows are scanned with a running minimum (a loop over the ``n − k + 1`` window offsets, in
-    preallocated buffers; an ``argmin`` along dim 0 is several times slower on the CPU) and each
+    Definition: with ``m = center`` and ``r`` the ``k``-th smallest distance ``|x − m|`` of a column,
+    the mean of every value at distance ``< r`` and of as many values at distance exactly ``r`` as
+    make ``k``. When values at ``m − r`` and at ``m + r`` tie for the last places (a genuine tie of the
+    definition), the lower ones are taken — the mean of the first ``k`` values of the column stably
+    sorted by ``(|x − m|, x)``.
+
+    The ``k`` nearest values form a window ``S[s], …, S[s+k−1]`` of consecutive sorted values. A
+    window qualifies when neither value next to it is nearer than its farthest end: with
+    ``c_s = max(m − S[s], S[s+k−1] − m)``,
+
+        ``m − S[s−1] ≥ c_s``  and  ``S[s+k] − m ≥ c_s``  (a missing neighbour always qualifies).
+
+    Every qualifying window is a set of ``k`` nearest values, and the lowest one holds the values of
+    the tie convention above. (Signed differences: a neighbour on the far side of ``m`` fails — the
+    window then lies on one side of ``m`` and can be moved towards it, over equal values at worst.
+    Comparing ``c_s`` alone is not enough: ``[−2, −2, 0, 0.5, 1]`` around 0 with ``k = 4`` has
+    ``c_0 = c_1 = 2``, but window 0 leaves out 1, which is nearer than −2.) The ``n − k + 1``
+    offsets are scanned by a Python loop of whole-row operations in preallocated buffers (no
+    ``argmin`` along dim 0, several times slower on the CPU; no host synchronisation), and each
     window is summed directly — no prefix sums, whose differences would lose everything next to a
-    huge (Byzantine) value. Non-finite values (``±inf``) are infinitely far, so a window holding one is
-    chosen only when every window does.
+    huge (Byzantine) value.
+
+    Non-finite values: ``S`` orders NaN as ``+inf`` (:func:`sorted_rows`); ``±inf`` are infinitely far
+    from a finite ``m``, so a window holding one qualifies only when more than ``n − k`` values of the
+    column are infinite. When no window qualifies — only possible when ``m`` itself is not finite,
+    i.e. when most values of the column are — the lowest window is used.
     """
     n = len(S)
-    best = torch.maximum(center - S[0], S[k - 1] - center)
     total = sum_rows(S[:k])
-    if n > k:
-        cost, other, window = torch.empty_like(best), torch.empty_like(best), torch.empty_like(total)
-        better = torch.empty(best.shape, dtype=torch.bool, device=best.device)
-        for s in range(1, n - k + 1):
-            torch.sub(center, S[s], out=cost)
-            torch.maximum(cost, torch.sub(S[s + k - 1], center, out=other), out=cost)
-            torch.lt(cost, best, out=better)
-            torch.where(better, cost, best, out=best)
-            torch.where(better, sum_rows(S[s:s + k], out=window), total, out=total)
+    if n == k:
+        return total.div_(k)
+    lo = torch.sub(center, S[0])  # m − S[s]: distance of the window's low end (signed)
+    hi = torch.sub(S[k - 1], center)  # S[s+k−1] − m: of its high end
+    above = torch.sub(S[k], center)  # S[s+k] − m: of the value just above the window
+    cost = torch.maximum(lo, hi)
+    ok = torch.ge(above, cost)  # s = 0 has nothing below it
+    open_ = ok.logical_not()  # columns whose window is still to be found
+    below, window = torch.empty_like(lo), torch.empty_like(total)
+    ok_above = torch.empty_like(ok)
+    for s in range(1, n - k + 1):
+        below, lo = lo, below  # the previous low end S[s−1] is now the value just below the window
+        torch.sub(center, S[s], out=lo)
+        hi, above = above, hi  # the previous "just above" S[s+k−1] is now the high end
+        torch.maximum(lo, hi, out=cost)
+        torch.ge(below, cost, out=ok)
+        if s + k < n:
+            torch.ge(torch.sub(S[s + k], center, out=above), cost, out=ok_above)
+            ok.logical_and_(ok_above)
+        ok.logical_and_(open_)
+        torch.where(ok, sum_rows(S[s:s + k], out=window), total, out=total)
+        open_.logical_xor_(ok)
     return total.div_(k)
 
 

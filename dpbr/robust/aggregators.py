@@ -11,10 +11,10 @@ Usage::
 Rules (``names()``; aliases in brackets; requirement on ``n`` workers and ``f`` Byzantine ones)
 -------------------------------------------------------------------------------------------
 - ``average`` [mean, avg]: ``(1/n) Σ x_i``. ``n ≥ 1``.
-- ``krum``: the ``x_k`` minimising ``Σ_{j ∈ N_k} ‖x_k − x_j‖²`` over its ``n − f − 2`` nearest other
-  rows ``N_k``. ``n ≥ 2f + 3``.
-- ``multi-krum(m)``: mean of the ``m`` best Krum scores (default ``m = n − f``). ``n ≥ 2f + 3``,
-  ``n ≥ f + m``.
+- ``krum(neighbours)``: the ``x_k`` minimising ``Σ_{j ∈ N_k} ‖x_k − x_j‖²`` over its ``n − f − 2``
+  nearest other rows ``N_k`` (``neighbours=n-f-1``: ByzFL's count). ``n ≥ 2f + 3``.
+- ``multi-krum(m, neighbours)``: mean of the ``m`` best Krum scores (default ``m = n − f``).
+  ``n ≥ 2f + 3``, ``n ≥ f + m``.
 - ``median`` [cm]: coordinate-wise median (even ``n``: midpoint). ``n ≥ 2f + 1``.
 - ``trimmed-mean`` [tm]: per coordinate, drop the ``f`` largest and ``f`` smallest values and
   average the rest. ``n ≥ 2f + 1``.
@@ -46,7 +46,8 @@ Contract of every rule
 - No host synchronisation (no ``.item()``), no Python loop over pairs, subsets or coordinates. The
   only Python loops run a fixed number of whole-tensor steps: Weiszfeld / clipping iterations,
   Bulyan's ``θ`` selection rounds, the compare-exchanges of the CPU sorting network and the
-  ``f + 1`` candidate windows of the closest-to-median means (:mod:`dpbr.robust._geometry`).
+  ``n − k + 1`` candidate windows of the closest-to-median means (``f + 1`` for meamed, ``2f + 1``
+  for Bulyan; :func:`dpbr.robust._geometry.mean_closest`).
   Pairwise distances all come from one blocked Gram matrix.
 - Non-finite inputs: when at most ``f`` rows hold a NaN or ±inf, every rule but ``average`` returns a
   finite vector determined by the finite rows, as follows.
@@ -76,7 +77,8 @@ VN bounds
 ---------
 :meth:`Aggregator.vn_bound` returns ``k_F(n, f)``, the largest ratio
 ``sqrt(E‖G − EG‖²) / ‖EG‖`` of the honest vectors for which the rule is proven (α, f)-Byzantine
-resilient (REFERENCE §2; the constants of LPD's ``upper_bound`` functions), or ``None`` where no such
+resilient (Guerraoui et al. 2021, arXiv 2102.08166; the constants of the ``upper_bound`` functions of
+their public code, LPD-EPFL/DifferentialByzantine), or ``None`` where no such
 constant is known to us or where ``n, f`` violate the rule's requirement. ``math.inf`` means that no
 condition is needed (``f = 0`` for average and MDA, which then average all rows).
 """
@@ -270,7 +272,7 @@ class Aggregator:
     # -- VN bound ------------------------------------------------------------------------------ #
 
     def vn_bound(self, n: int, f: int) -> float | None:
-        """``k_F(n, f)`` of REFERENCE §2, or ``None`` (no known constant, or ``(n, f)`` not allowed).
+        """``k_F(n, f)`` (the VN bound, module docstring), or ``None`` (no known constant, or ``(n, f)`` not allowed).
 
         ``math.inf`` where no condition is needed (``f = 0`` for average and MDA).
         """
@@ -358,6 +360,15 @@ def _krum_scores(D2: Tensor, k: int) -> Tensor:
     return near + D2.diagonal()
 
 
+def _neighbours(x: Any) -> str:
+    """Validated Krum neighbour convention (``None`` → the paper's ``"n-f-2"``)."""
+    if x is None:
+        return "n-f-2"
+    if x not in MultiKrum.NEIGHBOURS:
+        raise ValueError(f"neighbours must be one of {', '.join(MultiKrum.NEIGHBOURS)}, got {x!r}")
+    return x
+
+
 def _centrality(D2: Tensor) -> Tensor:
     """Sum of squared distances to the finite rows (``inf`` for a non-finite row): a tie-breaker."""
     return torch.where(torch.isfinite(D2), D2, 0).sum(1) + D2.diagonal()
@@ -402,21 +413,29 @@ class Average(Aggregator):
 class MultiKrum(Aggregator):
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): mean of the ``m`` best-scored rows.
 
-    ``score_i = Σ_{j ∈ N_i} ‖x_i − x_j‖²`` over the ``n − f − 2`` nearest *other* rows ``N_i``
-    (squared distances, as in the paper; LPD's ``krum.py`` sums the ``n − f − 1`` nearest non-squared
-    distances). The ``m`` lowest scores are averaged; exact ties (certain when ``n − f − 2 = 1``: the
-    two rows of the closest pair) go to the smaller sum of squared distances to all rows, then to the
-    lower index, so that the result does not depend on the order of the rows.
+    ``score_i = Σ_{j ∈ N_i} ‖x_i − x_j‖²`` over the ``k`` nearest *other* rows ``N_i`` — by default
+    ``k = n − f − 2`` with squared distances, as in the paper (Blanchard et al. 2017). Peers
+    count differently: ByzFL's ``Krum``/``MultiKrum`` average the ``n − f − 1`` nearest squared
+    distances (same ranking as their sum), LPD's ``krum.py`` sums the ``n − f − 1`` nearest
+    *non-squared* distances; ``neighbours="n-f-1"`` reproduces ByzFL's ranking. The ``m`` lowest
+    scores are averaged; exact ties (certain when ``k = 1``: the two rows of the closest pair) go to
+    the smaller sum of squared distances to all rows, then to the lower index, so that the result does
+    not depend on the order of the rows (ByzFL's ``argmin``/``argpartition`` take whichever comes
+    first).
 
     Parameters
     ----------
     m:
         Number of rows averaged, ``1 ≤ m ≤ n − f``. Default ``None`` means ``m = n − f`` (ByzFL's
         ``MultiKrum``); LPD's ``krum`` rule defaults to ``m = n − f − 2``; ``m = 1`` is Krum.
+    neighbours:
+        Number ``k`` of nearest other rows in a score: ``"n-f-2"`` (default ``None``: the paper's) or
+        ``"n-f-1"`` (ByzFL's). Left at its default it does not appear in the rule's name.
 
     Requirement ``n ≥ 2f + 3`` (and ``n ≥ f + m``, so that the ``m`` selected rows can all be finite
-    when at most ``f`` rows are not). VN bound: :func:`krum_vn_bound` (LPD's ``krum.upper_bound``,
-    which LPD applies to every ``m ≤ n − f − 2``); ``None`` for larger ``m``, the default included.
+    when at most ``f`` rows are not) for either ``neighbours``. VN bound: :func:`krum_vn_bound`
+    (LPD's ``krum.upper_bound``, proven for the paper's score and applied by LPD to its ``n − f − 1``
+    variant and to every ``m ≤ n − f − 2``); ``None`` for larger ``m``, the default included.
     """
 
     key = "multi-krum"
@@ -424,10 +443,13 @@ class MultiKrum(Aggregator):
     uses_gram = True
     averages_selected = True
 
-    def __init__(self, m: int | None = None) -> None:
+    NEIGHBOURS = ("n-f-2", "n-f-1")
+
+    def __init__(self, m: int | None = None, neighbours: str | None = None) -> None:
         self.m = None if m is None else _positive_int(m, "m")
+        self.neighbours = _neighbours(neighbours)
         super().__init__()
-        self._name(m=self.m)
+        self._name(m=self.m, neighbours=None if self.neighbours == "n-f-2" else self.neighbours)
 
     def _clauses(self):
         clauses = [("2f + 3", lambda f: 2 * f + 3)]
@@ -439,13 +461,17 @@ class MultiKrum(Aggregator):
     def _m(self, n: int, f: int) -> int:
         return n - f if self.m is None else self.m
 
+    def _k(self, n: int, f: int) -> int:
+        """Number of nearest other rows in a score."""
+        return n - f - (1 if self.neighbours == "n-f-1" else 2)
+
     def _vn(self, n, f):
         return krum_vn_bound(n, f) if self._m(n, f) <= n - f - 2 else None
 
     def _aggregate(self, G, f, generator, state, gram=None):
         n = G.shape[0]
         D2 = _distances(G, gram)
-        scores = _krum_scores(D2, n - f - 2)
+        scores = _krum_scores(D2, self._k(n, f))
         m = self._m(n, f)
         if m == 1:
             rows = _lexargmin(scores, _centrality(D2)).reshape(1)
@@ -457,14 +483,22 @@ class MultiKrum(Aggregator):
 class Krum(MultiKrum):
     """Krum (Blanchard et al. 2017): the row with the lowest Krum score (see :class:`MultiKrum`).
 
+    Parameters
+    ----------
+    neighbours:
+        ``"n-f-2"`` (default ``None``: the paper's score over the ``n − f − 2`` nearest other rows) or
+        ``"n-f-1"`` (ByzFL's ``Krum``); see :class:`MultiKrum`.
+
     Requirement ``n ≥ 2f + 3``. VN bound :func:`krum_vn_bound` (LPD ``upper_bound``).
     """
 
     key = "krum"
 
-    def __init__(self) -> None:
+    def __init__(self, neighbours: str | None = None) -> None:
         self.m = 1
+        self.neighbours = _neighbours(neighbours)
         Aggregator.__init__(self)
+        self._name(neighbours=None if self.neighbours == "n-f-2" else self.neighbours)
 
     def _clauses(self):
         return [("2f + 3", lambda f: 2 * f + 3)]
@@ -515,8 +549,11 @@ class MeaMed(Aggregator):
     values closest to the coordinate-wise median (even ``n``: midpoint median).
 
     Requirement ``n ≥ 2f + 1``. VN bound: ``None``. NaN entries count as ``+inf`` (infinitely far from
-    the median). The ``n − f`` nearest values are a window of consecutive sorted values; of two
-    equally near windows the lower one is taken.
+    the median). Ties: when values at ``m − r`` and ``m + r`` (``m`` the median, ``r`` the
+    ``(n − f)``-th smallest distance to it) compete for the last places, the lower ones are taken —
+    the first ``n − f`` values of the column stably sorted by ``(|x − m|, x)``
+    (:func:`dpbr.robust._geometry.mean_closest`). ByzFL's ``Meamed`` takes whichever its
+    ``argpartition`` returns first; elsewhere the two agree.
     """
 
     key = "meamed"
@@ -614,7 +651,8 @@ class Bulyan(Aggregator):
        closest remaining pair) or ``k_t ≤ 0`` (the last round when ``f = 1``: every score is 0) — go
        to the lower full-set Krum score (round 0's), then to the lower index.
     2. Per coordinate, average the ``β = θ − 2f`` selected values closest to their median (even
-       ``θ``: midpoint median).
+       ``θ``: midpoint median); values tied at the boundary distance on both sides of the median:
+       the lower ones, as in :class:`MeaMed`.
 
     The ``θ`` rounds are a Python loop of ``n × n`` tensor operations (no host synchronisation).
     LPD's ``bulyan.py`` differs: it averages Multi-Krum picks and selects ``n − 2f − 2`` rows.

@@ -1,6 +1,6 @@
 """Byzantine attacks: the ``f`` vectors the Byzantine workers send, forged from the honest ones.
 
-Every attack is a callable object built by name (REFERENCE §4)::
+Every attack is a callable object built by name::
 
     from dpbr.robust import attacks
     atk = attacks.get("little(factor=1.5,negative=true)")
@@ -26,8 +26,8 @@ Attacks (``attacks.names()``; aliases in brackets; all ``f`` rows equal unless s
 -------------------------------------------------------------------------------------------------
 - ``none``: ``μ`` (harmless; see :class:`NoAttack`).
 - ``nan``: ``NaN`` everywhere. ``inf``: ``+∞`` everywhere (``−∞`` with ``negative=true``).
-- ``little`` [alie]: ``μ + z·σ`` (``μ − z·σ`` with ``negative=true``); ``factor=1.5|zmax|optimal``,
-  ``evals=16``.
+- ``little`` [alie]: ``μ + z·σ`` (``μ − z·σ`` with ``negative=true``);
+  ``factor=1.5|zmax|zmax-honest|optimal``, ``evals=16``.
 - ``empire`` [ipm]: ``(1 − factor)·μ``; ``factor=1.1|optimal``, ``evals=16``.
 - ``sign-flip`` [signflip, sign_flip]: ``−scale·μ``; ``scale=1``.
 - ``gaussian``: i.i.d. rows ``N(mean, std²)`` (``+ μ`` with ``centred=true``; one row for all with
@@ -185,28 +185,41 @@ def mean_std(H: Tensor, *, chunk_rows: bool | None = None) -> tuple[Tensor, Tens
     return mu, acc.div_(h - 1).sqrt_()
 
 
-def zmax(n: int, f: int) -> float:
+def zmax(n: int, f: int, *, honest: bool = False) -> float:
     """The "A Little Is Enough" factor ``z_max = Φ⁻¹((n − s)/n)`` with ``s = ⌊n/2 + 1⌋ − f``.
 
-    Baruch, Baruch and Goldberg (NeurIPS 2019), Algorithm 1: ``s`` is the number of honest workers the
-    ``f`` attackers must win over to form a majority; ``z_max`` is the largest ``z`` such that
-    ``s`` honest workers are farther from the mean than ``μ + zσ`` (under a normal model).
-    ``n = 11, f = 5`` gives ``s = 1`` and ``z = Φ⁻¹(10/11) ≈ 1.3352``.
+    Baruch, Baruch and Goldberg, *A Little Is Enough* (NeurIPS 2019, arXiv:1902.06156), Algorithm 1:
+    ``s`` is the number of honest workers the ``f`` attackers must win over to form a majority;
+    ``z_max`` is the largest ``z`` such that ``s`` workers are farther from the mean than ``μ + zσ``
+    (under a normal model). ``n = 11, f = 5`` gives ``s = 1`` and ``z = Φ⁻¹(10/11) ≈ 1.3352``.
+
+    With ``honest=True`` the quantile is taken among the ``n − f`` honest workers only,
+    ``z = Φ⁻¹((n − f − s)/(n − f))`` — what the code of Karimireddy, He and Jaggi (ICLR 2022,
+    arXiv:2006.09365) computes for its ALIE attacker. It is smaller: ``n = 11, f = 5`` gives
+    ``Φ⁻¹(5/6) ≈ 0.9674``; ``n = 25, f = 5`` gives ``Φ⁻¹(12/20) ≈ 0.2533`` against the paper's
+    ``Φ⁻¹(17/25) ≈ 0.4677``.
 
     Raises
     ------
     UsageError
-        When ``s < 1`` (the attackers already hold a majority: ``z`` would be infinite) or ``n ≤ 0``.
+        When ``s < 1`` (the attackers already hold a majority: ``z`` would be infinite), when the
+        quantile is not strictly between 0 and 1 (``n ≤ 2``), or when ``n ≤ 0`` or ``f ∉ [0, n]``.
     """
     n, f = int(n), int(f)
+    word = "zmax-honest" if honest else "zmax"
     if n <= 0 or f < 0 or f > n:
-        raise UsageError(OPTION, f"little(factor=zmax) needs 0 <= f <= n and n >= 1, got n={n}, f={f}")
+        raise UsageError(OPTION, f"little(factor={word}) needs 0 <= f <= n and n >= 1, got n={n}, f={f}")
     s = n // 2 + 1 - f
     if s < 1:
         raise UsageError(
-            OPTION, f"little(factor=zmax) needs s = floor(n/2 + 1) - f >= 1, got s={s} for n={n}, f={f}"
+            OPTION, f"little(factor={word}) needs s = floor(n/2 + 1) - f >= 1, got s={s} for n={n}, f={f}"
         )
-    return NormalDist().inv_cdf((n - s) / n)
+    pool = n - f if honest else n
+    if pool <= s:
+        raise UsageError(
+            OPTION, f"little(factor={word}) needs {'n - f' if honest else 'n'} > s = {s}, got n={n}, f={f}"
+        )
+    return NormalDist().inv_cdf((pool - s) / pool)
 
 
 def flip_labels(labels: Tensor, num_classes: int) -> Tensor:
@@ -457,7 +470,7 @@ class NoAttack(Attack):
 class NanAttack(Attack):
     """Non-finite attack: every coordinate of every Byzantine row is ``NaN`` (LPD ``attacks/nan.py``).
 
-    Tests every rule's handling of non-finite inputs (REFERENCE §3: a robust rule must not return NaN).
+    Tests every rule's handling of non-finite inputs (a robust rule must not return NaN).
     """
 
     key = "nan"
@@ -498,6 +511,18 @@ class _FactorAttack(Attack):
     Byzantine rows placed after the honest ones, as LPD and ByzFL do). When a ``generator`` is given,
     every evaluation hands the aggregator a *copy* of it (common random numbers: all factors are
     compared under the same draw, and the caller's generator is not advanced).
+
+    Sign. With ``negative=true`` and ``factor=optimal`` the search evaluates ``μ − x·a`` and the
+    attack sends ``μ − x·a`` with the best ``x`` found: what is sent is what was scored. LPD's
+    ``identical.py`` negates the factor inside its objective but not the factor it returns, so it
+    searches ``μ − x·a`` and sends ``μ + x·a`` — a vector it never evaluated. Fixed factors agree with
+    LPD (``μ − factor·a``).
+
+    Differences from ByzFL's ``Optimal_ALittleIsEnough`` / ``Optimal_InnerProductManipulation``:
+    those maximise ``‖GAR − μ‖`` (same maximiser) from ``δ = 10`` with 20 evaluations, and their
+    contraction only probes above the best point; :func:`line_maximize` follows LPD (``δ = 1``,
+    ``evals`` evaluations, probes on both sides). So the two searches may settle on different
+    factors for the same objective.
 
     The search needs one host synchronisation per evaluation (the control flow depends on the values).
     """
@@ -541,15 +566,20 @@ class LittleAttack(_FactorAttack):
     """"A Little Is Enough" (ALIE): ``μ + z·σ``, or ``μ − z·σ`` with ``negative=true``.
 
     Baruch, Baruch and Goldberg, *A Little Is Enough: Circumventing Defenses For Distributed Learning*,
-    NeurIPS 2019. ``σ`` is the unbiased per-coordinate standard deviation of the honest vectors
-    (:func:`mean_std`; LPD ``grad_stck.var(dim=0).sqrt_()``, ByzFL ``ddof=1``). The study's anchor runs
-    ``little(factor=1.5,negative=true)`` (LPD ``reproduce.py``): ``μ − 1.5σ``.
+    NeurIPS 2019 (arXiv:1902.06156). ``σ`` is the unbiased per-coordinate standard deviation of the
+    honest vectors (:func:`mean_std`; LPD ``grad_stck.var(dim=0).sqrt_()``, ByzFL ``ddof=1``). The
+    study's anchor runs ``little(factor=1.5,negative=true)`` (LPD ``reproduce.py``): ``μ − 1.5σ``.
+    ByzFL's ``ALittleIsEnough(tau)`` is ``little(factor=tau)``.
 
     Parameters
     ----------
     factor:
-        ``z`` (a number, default 1.5), ``zmax`` for the paper's ``z_max = Φ⁻¹((n − s)/n)`` with
-        ``s = ⌊n/2 + 1⌋ − f`` and ``n = h + f`` (:func:`zmax`), or ``optimal`` for the line search.
+        ``z`` (a number, default 1.5); ``zmax`` for the paper's ``z_max = Φ⁻¹((n − s)/n)`` with
+        ``s = ⌊n/2 + 1⌋ − f`` and ``n = h + f`` (Algorithm 1; :func:`zmax`); ``zmax-honest`` for
+        ``Φ⁻¹((n − f − s)/(n − f))``, the quantile among the honest workers that the code of
+        Karimireddy, He and Jaggi (ICLR 2022, arXiv:2006.09365) uses (``zmax(..., honest=True)``;
+        that code sends ``μ − zσ``: add ``negative=true`` for its vector); or ``optimal`` for the
+        line search.
     negative:
         Use ``μ − zσ`` (LPD's ``negative`` flag).
     evals:
@@ -560,7 +590,7 @@ class LittleAttack(_FactorAttack):
 
     def __init__(self, factor: Any = 1.5, negative: Any = False, evals: Any = 16) -> None:
         super().__init__(
-            factor=_as_factor("factor", factor, ("zmax", "optimal")),
+            factor=_as_factor("factor", factor, ("zmax", "zmax-honest", "optimal")),
             negative=_as_bool("negative", negative),
             evals=_as_int("evals", evals, low=1),
         )
@@ -570,7 +600,9 @@ class LittleAttack(_FactorAttack):
 
     def _fixed_factor(self, h, f):
         factor = self.params["factor"]
-        return zmax(h + f, f) if factor == "zmax" else float(factor)
+        if factor in ("zmax", "zmax-honest"):
+            return zmax(h + f, f, honest=factor == "zmax-honest")
+        return float(factor)
 
 
 @_registry.register("empire", "ipm")
@@ -581,7 +613,8 @@ class EmpireAttack(_FactorAttack):
     Manipulation*, UAI 2019 (their ``−ε·μ``, ``ε = factor − 1``). The study's anchor runs
     ``empire(factor=1.1)`` = ``−0.1·μ`` (LPD ``reproduce.py``). ByzFL's
     ``InnerProductManipulation(tau)`` sends ``−τ·μ`` with ``τ = 2`` by default, i.e. ``factor = 1 + τ = 3``
-    here.
+    here. Its ``Optimal_InnerProductManipulation`` searches ``τ ≥ 0`` (``factor ≥ 1``, from ``0``),
+    this attack's ``optimal`` searches ``factor ≥ 0`` (from ``μ`` itself).
 
     Parameters
     ----------

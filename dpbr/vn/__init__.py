@@ -1,6 +1,7 @@
-r"""VN-ratio estimation: the condition the study's theory rests on, measured (issue 5).
+r"""VN-ratio estimation: the condition the study's theory rests on, measured.
 
-The variance-to-norm ratio of the vectors honest workers send (seed 001 eq. 2, REFERENCE §2),
+The variance-to-norm ratio of the vectors honest workers send (Guerraoui, Gupta, Pinot, Rouault,
+Stephan 2021, arXiv 2102.08166),
 
 .. math:: r(b) = \frac{\sqrt{\mathbb E\|G - \mathbb E G\|^2}}{\|\mathbb E G\|}
           = \frac{\sqrt{V(b) + d\,\sigma(b)^2}}{\|\mathbb E G^s\|},

@@ -20,13 +20,13 @@ satisfies it (:func:`minimal_batch_size`) is
   under clipping (``‖E clip(g_b)‖`` still grows with ``b`` towards ``‖clip(∇Q)‖``).
 
 When noise dominates, ``b* ≈ sqrt(D)/(k·M) = sqrt(d)·σ_1/(k·M)`` (``σ_1`` = σ at ``b = 1``): this is the
-Table-1 scaling of the report (Krum/Bulyan ``k ∝ 1/sqrt(n)`` → ``b ∈ Ω(sqrt(n·d))``; MDA
+batch-size scaling derived by Guerraoui et al. 2021 (arXiv 2102.08166) — "Table 1" below (Krum/Bulyan ``k ∝ 1/sqrt(n)`` → ``b ∈ Ω(sqrt(n·d))``; MDA
 ``k = (n−f)/(√8 f)`` → ``f/(n−f) ≲ b·M/(√8·σ_1·sqrt(d))``, i.e. ``f/n ∈ O(b/(sqrt(d) + b))``), reported as
 ``min_b_noise_asymptote`` next to the Table-1 expressions (``table1_b``: ``sqrt(n·d)`` for Krum and
 Bulyan, ``f·sqrt(d)/(n−f)`` for MDA — orders of magnitude, the constants are not in the table).
 
-η-approximated VN condition (Guerraoui et al. 2021b; seed 001 eq. 3)
---------------------------------------------------------------------
+η-approximated VN condition (Guerraoui et al. 2021b, arXiv 2110.03991)
+----------------------------------------------------------------------
 Along a training trajectory (checkpoints ``t``), the condition with threshold ``η`` holds when
 ``r_t ≤ k`` at every checkpoint with ``‖E G_t‖ > η``. The smallest such ``η`` is
 ``η* = max{‖E G_t‖ : r_t > k}`` (0 when the condition holds everywhere) — :func:`eta_table`.

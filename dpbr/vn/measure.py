@@ -315,26 +315,21 @@ def measure(problem: Problem, specs: Sequence[Any], *, chunk: int = DEFAULT_CHUN
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ``dpbr train`` checkpoint: ``{"step": int, "theta": Tensor (d,), "spec": dict}``.
+    """Read and verify a ``dpbr train`` checkpoint: ``{"step": int, "theta": Tensor (d,), "spec": dict, ...}``
+    (:func:`dpbr.checkpoints.load`).
 
-    Raises :class:`UsageError` (``--checkpoint``) for a missing or malformed file.
+    Raises :class:`UsageError` (``--checkpoint``) for a missing, malformed, corrupt or old-format file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError("--checkpoint", f"no such checkpoint file {str(p)!r}")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise UsageError("--checkpoint", f"cannot read {str(p)!r} as a dpbr checkpoint: {type(exc).__name__}") from None
-    ok = (isinstance(ck, dict) and isinstance(ck.get("theta"), Tensor) and ck["theta"].dim() == 1
-          and isinstance(ck.get("step"), int) and isinstance(ck.get("spec"), dict))
-    if not ok:
-        raise UsageError("--checkpoint", f"{str(p)!r} is not a dpbr train checkpoint (step, theta, spec)")
-    return ck
+    from dpbr import checkpoints
+
+    return checkpoints.load(path, option="--checkpoint")
 
 
 def expand_checkpoints(items: Iterable[str]) -> list[str]:
-    """``init`` and files stay; a folder becomes its ``step=<S>.pt`` files in step order."""
+    """``init`` and files stay; a folder becomes its ``step=<S>.pt`` files in step order (all of one
+    run: :func:`dpbr.checkpoints.folder_files` refuses a folder mixing runs)."""
+    from dpbr import checkpoints
+
     out: list[str] = []
     for item in items:
         text = item.strip()
@@ -345,17 +340,7 @@ def expand_checkpoints(items: Iterable[str]) -> list[str]:
             continue
         p = Path(text)
         if p.is_dir():
-            files = sorted(p.glob("step=*.pt"), key=lambda f: _step_of(f))
-            if not files:
-                raise UsageError("--checkpoint", f"folder {text!r} holds no step=<S>.pt checkpoints")
-            out.extend(str(f) for f in files)
+            out.extend(str(f) for f in checkpoints.folder_files(p, option="--checkpoint"))
         else:
             out.append(text)
     return out
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.stem.split("=", 1)[1])
-    except (IndexError, ValueError):
-        return -1

@@ -1,6 +1,6 @@
 r"""The estimator of the variance-to-norm ratio from ``K`` independent gradient samples.
 
-Quantity (seed 001 eq. 2; REFERENCE §2). For the vector ``G`` an honest worker sends,
+Quantity (the variance-to-norm ratio of Guerraoui et al. 2021, arXiv 2102.08166). For the vector ``G`` an honest worker sends,
 
 .. math:: r = \frac{\sqrt{\mathbb E\|G - \mathbb E G\|^2}}{\|\mathbb E G\|},
 

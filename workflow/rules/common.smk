@@ -282,7 +282,15 @@ def report_figures(names, with_training):
 
 
 def all_targets():
-    """Every cell, and for each section with cells its summaries and figures."""
+    """Every cell, and for each section with cells its summaries and figures.
+
+    Plain paths: the report outputs come back from ``vn_report_outputs()`` and
+    ``recon_report_outputs()`` flagged with ``report(caption=...)``, and Snakemake resolves a caption
+    against the folder of the file that *uses* the flagged path. Used as inputs of rule ``all`` (in
+    the Snakefile, one folder above the rule files), the flags would point the report at
+    ``<repo>/../report/…`` and ``snakemake --report`` would fail; ``str()`` drops them, so only the
+    producing rules (in ``workflow/rules/``) register figures and captions.
+    """
     targets = list(TRAIN_FILES) + list(VN_FILES) + list(RECON_FILES)
     if TRAIN:
         targets += list(summary_files().values())
@@ -292,4 +300,4 @@ def all_targets():
         targets += vn_report_outputs().values()
     if RECON:
         targets += recon_report_outputs().values()
-    return targets
+    return [str(target) for target in targets]

@@ -2,7 +2,7 @@
 
 
 rule train:
-    """One simulated parameter-server run (REFERENCE §1-2) → `<results>/train/<cell id>.parquet`.
+    """One simulated parameter-server run → `<results>/train/<cell id>.parquet`.
 
     Every value of the cell reaches the job through `params.args` (the spec's own command-line
     form, shell-quoted), and the package/code version through `params.code_version`, so Snakemake's params
