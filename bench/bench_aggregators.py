@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dpbr  # noqa: E402,F401  (before torch: its OpenMP setting, dpbr.OPENMP_SPIN_COUNT)
 import torch  # noqa: E402
 
-from dpbr.robust import _geometry as geo  # noqa: E402
+from dpbr import linalg  # noqa: E402
 from dpbr.robust import aggregators as A  # noqa: E402
 
 SIZES = [(11, 69), (11, 431_080), (25, 431_080), (11, 10_000_000)]
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         G = torch.randn(11, 431_080, generator=torch.Generator().manual_seed(1)).to(device)
         reps = 15 if args.quick else 51
         mda = A.get("mda")
-        t_mda, t_gram, t_mm = timeit([lambda: mda(G, 5), lambda: geo.gram(G), lambda: G @ G.T], device, [reps] * 3)
+        t_mda, t_gram, t_mm = timeit([lambda: mda(G, 5), lambda: linalg.gram(G), lambda: G @ G.T], device, [reps] * 3)
         print(f"MDA (n = 11, d = 431,080, f = 5) on {dev_name}: {fmt(t_mda)}; one Gram matrix: {fmt(t_gram)} "
               f"(blocked, as used inside) / {fmt(t_mm)} (G @ G.T) → MDA / Gram = {t_mda / t_gram:.2f} "
               f"(vs G @ G.T: {t_mda / t_mm:.2f})")

@@ -51,7 +51,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from dpbr import data  # noqa: E402
 from dpbr.inversion import metrics  # noqa: E402
-from dpbr.inversion.run import auto_threads, prepare  # noqa: E402
+from dpbr.inversion.case import prepare  # noqa: E402
+from dpbr.jobs.reconstruct import auto_threads  # noqa: E402
 from dpbr.spec import ReconSpec  # noqa: E402
 
 

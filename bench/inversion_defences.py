@@ -87,7 +87,7 @@ def add_distortion(frame, dataset):
     again — the shared gradient only, no attack."""
     import torch
 
-    from dpbr.inversion.run import prepare
+    from dpbr.inversion.case import prepare
 
     if "distortion" in frame and frame["distortion"].notna().all():
         return frame
@@ -106,7 +106,7 @@ def add_distortion(frame, dataset):
 def _job(label: str, defence: str | None, seed: int, iterations: int, restarts: int, normalize: bool = True) -> dict:
     import torch
 
-    from dpbr.inversion.run import prepare, result_frame
+    from dpbr.inversion.case import prepare, result_frame
 
     job = prepare(_spec(defence, seed, iterations, restarts, normalize), dataset=_DATASET, device=torch.device("cpu"))
     t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The ``dpbr`` command line (Typer). Parsing only: every command builds a spec and calls the library.
+"""The ``dpbr`` command line (Typer). Parsing only: every command builds a spec and calls a job (:mod:`dpbr.jobs`).
 
 Every error a user can cause prints ONE line ``dpbr: error: <option>: <what is allowed>`` on standard
 error and exits with code 2, leaving no output file and no traceback (:func:`main`).
@@ -142,7 +142,8 @@ def train_cmd(
     spec = RunSpec.create(**options)  # before importing torch: a bad option is reported at once
     target = out if out is not None else spec.path("results")
     ckpts = _steps_list(checkpoint_steps, "--checkpoint-steps")
-    from dpbr.train import train
+    from dpbr.jobs.train import train  # torch: after the options are checked
+
     update, close = make_progress(f"train {spec.gar}/{spec.attack} b={spec.batch_size}", spec.steps, quiet)
     try:
         path = train(spec, out=target, data_dir=data_dir, device=device, threads=threads, strategy=grad_strategy,
@@ -164,15 +165,9 @@ def data_fetch_cmd(
     source: Optional[Path] = typer.Option(None, "--from", help="Import this local copy instead of downloading (verified the same way)."),
 ) -> None:
     """Download (or import with --from), verify and cache a dataset."""
-    from dpbr import data
-    from dpbr.io import check_folder
+    from dpbr.jobs.data import fetch
 
-    try:  # an unknown name is reported before anything is checked or written
-        data.canonical_name(name)
-    except UsageError as exc:
-        raise UsageError("NAME", exc.message) from None
-    check_folder(data_dir, "--data-dir")
-    path = data.fetch(name, data_dir, source=source)
+    path = fetch(name, data_dir, source=source)
     print(path)
 
 
@@ -235,7 +230,7 @@ def vn_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Measure the VN ratio (and the rules' conditions) for each batch size, privacy setting and checkpoint."""
-    from dpbr.vn.command import build_cells, run_vn
+    from dpbr.jobs.vn import build_cells, run_vn
 
     options: dict[str, Any] = dict(
         dataset=dataset, model=model, run=run, step=step, delta=delta, clip_mode=clip_mode, workers=workers,
@@ -298,7 +293,7 @@ def reconstruct_cmd(
                             defence=defence, labels=labels, iterations=iterations, restarts=restarts, lr=lr, tv=tv,
                             seed=seed)
     target = out if out is not None else spec.path("results")
-    from dpbr.inversion.run import reconstruct  # torch: after the options are checked
+    from dpbr.jobs.reconstruct import reconstruct  # torch: after the options are checked
 
     update, close = make_progress(f"reconstruct {spec.attack} b={spec.batch_size}", spec.iterations, quiet)
     try:

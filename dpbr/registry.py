@@ -3,7 +3,18 @@
 Aggregation rules, attacks and privacy mechanisms are looked up by a *spec string*: a name, optionally
 followed by keyword parameters in parentheses, and for composable kinds several such terms joined
 by ``+``. This module parses and prints those strings canonically (so that equal specs give equal cell
-ids) and holds the small registry class each component family uses.
+ids) and holds the registry class every component family uses, one way: a class decorator on the
+component itself declares its name and aliases, the class's ``__init__`` signature declares its
+parameters, and the family's base class declares what else each member states beside its kernel
+(an aggregation rule's requirement on ``n, f`` and its VN bound)::
+
+    rules: Registry[Aggregator] = Registry(kind="aggregation rule", option="--gar")
+
+    @rules.register("median", "cm")       # name, then aliases; sets Median.key = "median"
+    class Median(Aggregator):
+        def _clauses(self): ...            # requirement n >= 2f + 1
+        def _vn(self, n, f): ...           # VN bound 1/sqrt(n - f)
+        def _aggregate(self, G, f, generator, state): ...
 
 Grammar::
 
@@ -23,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 _TERM = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_\-]*)\s*(?:\((.*)\))?\s*$", re.S)
 _INT = re.compile(r"^[+-]?\d+$")
@@ -172,10 +184,11 @@ def canonical(spec: str, *, option: str = "spec") -> str:
 
 @dataclass
 class Registry(Generic[T]):
-    """A name → factory table for one family of components (rules, attacks, mechanisms).
+    """A name → factory table for one family of components (rules, pre-aggregators, attacks, mechanisms).
 
-    ``factory(**params)`` builds the component; unknown names and unknown parameters become a
-    :class:`dpbr.errors.UsageError` naming ``option`` and listing what is allowed.
+    ``factory(**params)`` builds the component — a class (the usual case: see the module docstring) or
+    a function; unknown names and unknown parameters become a :class:`dpbr.errors.UsageError` naming
+    ``option`` and listing what is allowed.
     """
 
     kind: str
@@ -183,15 +196,26 @@ class Registry(Generic[T]):
     _factories: dict[str, Callable[..., T]] = field(default_factory=dict)
     _aliases: dict[str, str] = field(default_factory=dict)
 
-    def register(self, name: str, *aliases: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        """Decorator registering ``factory`` under ``name`` (and optional aliases)."""
+    def register(self, name: str, *aliases: str) -> Callable[[F], F]:
+        """Decorator registering ``factory`` under ``name`` (and optional aliases, all lower case).
 
-        def deco(factory: Callable[..., T]) -> Callable[..., T]:
-            if name in self._factories:
+        The factory's keyword parameters (those of ``__init__`` for a class) are the parameters a spec
+        string may give. A class is also given its registered name as the class attribute ``key`` and
+        its aliases as ``aliases``, so that the name is written once, on the class.
+        """
+
+        def deco(factory: F) -> F:
+            if name in self._factories or name in self._aliases:
                 raise RuntimeError(f"{self.kind} {name!r} registered twice")
+            for a in aliases:
+                if a in self._factories or a in self._aliases:
+                    raise RuntimeError(f"{self.kind} alias {a!r} registered twice")
             self._factories[name] = factory
             for a in aliases:
                 self._aliases[a] = name
+            if isinstance(factory, type):
+                factory.key = name  # type: ignore[attr-defined]
+                factory.aliases = aliases  # type: ignore[attr-defined]
             return factory
 
         return deco
@@ -210,8 +234,16 @@ class Registry(Generic[T]):
             raise UsageError(self.option, f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
         return key
 
-    def build(self, name: str, **params: Any) -> T:
-        """Build the component ``name`` with ``params``; bad parameter names give a UsageError."""
+    def factory(self, name: str) -> Callable[..., T]:
+        """The class (or function) registered under ``name`` or an alias of it."""
+        return self._factories[self.resolve(name)]
+
+    def build(self, name: str, *inputs: Any, **params: Any) -> T:
+        """Build the component ``name`` with ``params``; bad parameter names give a UsageError.
+
+        ``inputs`` fill the factory's first parameters: what composition supplies, not the spec (the
+        rule a pre-aggregator wraps). They are not parameters a spec may name.
+        """
         import inspect
 
         from dpbr.errors import UsageError
@@ -219,16 +251,18 @@ class Registry(Generic[T]):
         key = self.resolve(name)
         factory = self._factories[key]
         sig = _signature(factory)
+        supplied = list(sig.parameters)[: len(inputs)]
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        allowed = [p for p in sig.parameters if sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
-        unknown = [k for k in params if k not in sig.parameters and not accepts_any]
+        allowed = [p for p in sig.parameters
+                   if sig.parameters[p].kind is not inspect.Parameter.VAR_KEYWORD and p not in supplied]
+        unknown = [k for k in params if k not in allowed and not accepts_any]
         if unknown:
             raise UsageError(
                 self.option,
                 f"{self.kind} {key!r} has no parameter {unknown[0]!r}; allowed: {', '.join(allowed) or 'none'}",
             )
         try:
-            return factory(**params)
+            return factory(*inputs, **params)
         except UsageError:
             raise
         except (TypeError, ValueError) as exc:

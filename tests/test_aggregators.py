@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpbr import linalg as geo
 from dpbr.errors import UsageError
 from dpbr.registry import canonical
-from dpbr.robust import _geometry as geo
 from dpbr.robust import aggregators as A
 
 F64 = torch.float64
@@ -793,7 +793,7 @@ def test_hypothesis_permutation_and_translation(n, d, seed, data):
     # middle values; which one Weiszfeld reaches depends on its start, so d = 1 is left out there)
     spec, a_, b_ = data.draw(st.sampled_from([r for r in rules if n >= r[2] and (d > 1 or r[0] != "geometric-median")]))
     f = data.draw(st.integers(0, (n - b_) // a_))
-    if spec == "mda" and geo.subset_pairs(n, n - f) > A.MDA_MAX_ENTRIES:
+    if spec == "mda" and A.subset_pairs(n, n - f) > A.MDA_MAX_ENTRIES:
         return
     G = torch.randn(n, d, generator=_gen(seed), dtype=F64)
     perm = torch.randperm(n, generator=_gen(seed + 1))
@@ -1027,7 +1027,7 @@ def test_check_rejects_bad_counts(n, f):
 
 
 def test_mda_refuses_sizes_beyond_the_table_limit():
-    assert geo.subset_pairs(11, 6) == 462 * 15
+    assert A.subset_pairs(11, 6) == 462 * 15
     A.get("mda").check(25, 5)  # 53,130 × 190 entries: allowed
     with pytest.raises(ValueError, match="MDA_MAX_ENTRIES") as err:
         A.get("mda").check(25, 12)
@@ -1037,8 +1037,8 @@ def test_mda_refuses_sizes_beyond_the_table_limit():
 
 
 def test_mda_subset_tables_are_cached_constants():
-    a = geo.mda_tables(11, 5, "cpu")
-    assert geo.mda_tables(11, 5, "cpu") is a
+    a = A.mda_tables(11, 5, "cpu")
+    assert A.mda_tables(11, 5, "cpu") is a
     members, pairs = a
     assert members.shape == (462, 6) and pairs.shape == (15, 462) and pairs.dtype == torch.int32
     assert members[0].tolist() == [0, 1, 2, 3, 4, 5] and members[-1].tolist() == [5, 6, 7, 8, 9, 10]

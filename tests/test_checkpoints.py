@@ -1,4 +1,4 @@
-"""``dpbr train --checkpoint-steps`` checkpoints that can be trusted (format: :mod:`dpbr.checkpoints`).
+"""``dpbr train --checkpoint-steps`` checkpoints that can be trusted (format: :mod:`dpbr.jobs.checkpoints`).
 
 Tiny synthetic runs: a corrupted file, a folder mixing two runs, a rerun with fewer steps, two writers
 of the same folder, old-format files. Errors are one line naming the option, exit code 2, no output.
@@ -118,7 +118,7 @@ def test_two_writers_of_one_folder_leave_exactly_one_runs_checkpoints(tmp_path):
     the same --out from start to end; then A finishes. The folder must be A's alone (the last to
     finish), paired with A's metrics — not a mixture of both runs' files."""
     from dpbr.spec import RunSpec
-    from dpbr.train import train
+    from dpbr.jobs.train import train
 
     common = dict(dataset=VECTORS, model="logit", workers=5, byzantine=1, gar="median", attack="little(factor=1.5)",
                   batch_size=8, steps=4, eval_every=0)
@@ -148,7 +148,7 @@ def test_two_writers_of_one_folder_leave_exactly_one_runs_checkpoints(tmp_path):
 
 def test_writers_committing_in_any_order_leave_one_complete_folder(tmp_path):
     """The writer itself: two writers of one folder, interleaved saves, the later commit wins whole."""
-    from dpbr import checkpoints
+    from dpbr.jobs import checkpoints
 
     folder = tmp_path / "x.ckpt"
     a = checkpoints.CheckpointWriter(folder, spec={"seed": 1})
@@ -167,7 +167,7 @@ def test_writers_committing_in_any_order_leave_one_complete_folder(tmp_path):
 
 def test_an_interrupted_run_leaves_the_previous_folder_untouched(tmp_path, capsys):
     from dpbr.spec import RunSpec
-    from dpbr.train import train
+    from dpbr.jobs.train import train
 
     out, folder = _train(tmp_path, capsys, "r", "0,4")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -190,7 +190,7 @@ def test_the_next_writer_removes_what_killed_writers_left_and_nothing_else(tmp_p
     import subprocess
     import sys
 
-    from dpbr import checkpoints
+    from dpbr.jobs import checkpoints
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid no longer exists

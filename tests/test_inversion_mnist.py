@@ -31,7 +31,7 @@ def test_dlg_on_lenet_recovers_one_mnist_training_image_within_300_lbfgs_steps(t
     """REFERENCE §6 / issue 6: DLG (L-BFGS, soft label, squared gradient distance) on DLG's LeNet,
     one MNIST training image, on the CPU: MSE < 1e-3 on [0, 1] pixels and the right label — with the
     default (hand-derived) objective and with autograd's."""
-    from dpbr.inversion.run import reconstruct
+    from dpbr.jobs.reconstruct import reconstruct
     from dpbr.io import read_metadata
 
     spec = ReconSpec.create(attack="dlg", model="lenet", dataset="mnist", batch_size=1, iterations=300, seed=1)

@@ -39,31 +39,51 @@ def _column(result, name: str) -> np.ndarray:
 # The simulation loop
 
 
-def test_progress_is_reported_once_per_step_in_order():
-    """Catches ``if progress is not None`` negated (no progress reported when a callback is given)."""
-    calls: list[int] = []
-    _simulation(steps=4).run(progress=lambda step, acc: calls.append(step))
-    assert calls == [1, 2, 3, 4]
+def test_progress_is_reported_once_per_step_with_the_latest_test_accuracy():
+    """``progress(step, accuracy)`` after every step, with the accuracy of the latest evaluation (the
+    initial model's until the first periodic one). Catches ``if progress is not None`` negated, and the
+    accuracy read from the wrong evaluation or the wrong field (the loss)."""
+    calls: list[tuple[int, float | None]] = []
+    result = _simulation(steps=4, eval_every=2).run(progress=lambda step, acc: calls.append((step, acc)))
+    acc = {k: a for k, (a, _) in result.evaluations.items()}
+    assert calls == [(1, acc[0]), (2, acc[2]), (3, acc[2]), (4, acc[4])]
 
 
-def test_without_periodic_evaluation_the_run_is_evaluated_once_at_its_end():
-    """``eval_every = 0``: one evaluation, after the last step. Catches ``eval_every > 0`` → ``>= 0``
-    (an extra evaluation of the initial model at step 0)."""
-    result = _simulation(steps=3, eval_every=0).run()
-    assert sorted(result.evaluations) == [3]
+@pytest.mark.parametrize("eval_every, steps, expected", [(0, 3, [3]), (1, 3, [0, 1, 2, 3]), (2, 4, [0, 2, 4]),
+                                                         (2, 3, [0, 2, 3])])
+def test_evaluations_happen_at_the_initial_model_every_eval_every_steps_and_at_the_end(eval_every, steps, expected):
+    """``eval_every = 0``: one evaluation, after the last step; otherwise at step 0, every ``eval_every``
+    steps and at the last step. Catches ``eval_every > 0`` → ``>= 0``/``> 1``, ``step % eval_every == 0`` →
+    ``== 1`` and the final evaluation of an ``eval_every = 0`` run dropped."""
+    result = _simulation(steps=steps, eval_every=eval_every).run()
+    assert sorted(result.evaluations) == expected
 
 
-def test_periodic_evaluation_includes_the_initial_model():
-    result = _simulation(steps=4, eval_every=2).run()
-    assert sorted(result.evaluations) == [0, 2, 4]
-
-
-def test_checkpoints_are_written_only_at_the_requested_steps():
-    """Catches ``checkpoint is not None and 0 in checkpoint_steps`` → ``or`` (a step-0 checkpoint
-    nobody asked for)."""
+@pytest.mark.parametrize("wanted", [frozenset({2}), frozenset({0, 2})])
+def test_checkpoints_are_written_only_at_the_requested_steps(wanted):
+    """Catches ``checkpoint is not None and 0 in checkpoint_steps`` → ``or`` or ``1 in`` (a step-0
+    checkpoint nobody asked for, or none when asked) and ``step in checkpoint_steps and checkpoint is not
+    None`` → ``or`` (a checkpoint at every step)."""
     seen: list[int] = []
-    _simulation(steps=3).run(checkpoint=lambda step, theta: seen.append(step), checkpoint_steps=frozenset({2}))
-    assert seen == [2]
+    _simulation(steps=3).run(checkpoint=lambda step, theta: seen.append(step), checkpoint_steps=wanted)
+    assert seen == sorted(wanted)
+
+
+def test_run_facts_name_the_strategy_the_dimension_and_the_noise():
+    """The logistic model on 20 features has ``d = 21`` parameters and a closed-form gradient; no
+    mechanism, no noise. Catches the ``facts`` of :class:`RunResult` dropped (empty metadata facts)."""
+    facts = _simulation(steps=1).run().facts
+    assert facts == {"strategy": "closed-form", "dim": 21, "noise_sigma": 0.0}
+
+
+def test_a_run_that_diverges_at_its_last_step_is_reported_diverged():
+    """A NaN-sending attack against the average makes step 1's aggregate NaN: a one-step run has
+    diverged at step 1, and (no periodic evaluation) no evaluation of a diverged model is recorded.
+    Catches the divergence check's window ending one row early (``[…:s + 1]`` → ``[…:s]``), starting one
+    row late, and the final evaluation run for a diverged run too."""
+    result = _simulation(workers=5, byzantine=1, gar="average", attack="nan", steps=1).run()
+    assert (result.status, result.diverged_at, result.steps_done) == ("diverged", 1, 1)
+    assert result.evaluations == {}
 
 
 def test_worker_momentum_without_privacy_sends_the_momentum():
@@ -82,18 +102,65 @@ def test_worker_momentum_without_privacy_sends_the_momentum():
     assert dev == pytest.approx((1 - beta) * dev_clean, rel=1e-5)
 
 
-def test_byzantine_selected_is_recorded_on_the_one_step_window_path(monkeypatch):
-    """Large models record each step's selection through ``StepBuffers.record`` (a window of one step;
-    forced here by lowering the windowing threshold). Multi-Krum with the declared ``f = 0`` keeps
-    ``m = n − f = n`` rows, i.e. every row: ``byzantine_selected`` is exactly 1 at every step. Catches
-    either ``is not None`` of ``if self.selected is not None and selected is not None`` turned into
-    ``is None`` (the selection is never copied: 0)."""
-    import dpbr.simulation as simulation
+@pytest.mark.parametrize("one_step_windows", [False, True], ids=["windowed", "one-step"])
+def test_byzantine_selected_is_the_fraction_of_byzantine_rows_the_rule_kept(monkeypatch, one_step_windows):
+    """Multi-Krum with the declared ``f = 0`` keeps ``m = n − f = n`` rows, i.e. every row:
+    ``byzantine_selected`` is exactly 1 at every step; a rule that selects nothing (the average) records
+    NaN. Small models record a window of steps at once (``StepBuffers.metrics``), large ones each step
+    (``StepBuffers.record``; forced here by lowering the windowing threshold). Catches the selection
+    never copied or stacked (0 instead of 1), the selection buffer missing for one Byzantine worker
+    (``f_real > 0`` → ``> 1``: NaN) or allocated for a non-selecting rule (``selects and f_real > 0`` →
+    ``or``: 0 instead of NaN), and ``self.selected is not None and selected is not None`` → ``or`` (a
+    copy into a buffer that a run without Byzantine workers does not have)."""
+    from dpbr.simulation import engine
 
-    monkeypatch.setattr(simulation, "WINDOW_MAX_ENTRIES", 0)
-    result = _simulation(workers=6, byzantine=0, byzantine_real=1, gar="multi-krum", attack="little(factor=0)",
-                         steps=3).run()
-    assert _column(result, "byzantine_selected").tolist() == [1.0, 1.0, 1.0]
+    if one_step_windows:
+        monkeypatch.setattr(engine, "WINDOW_MAX_ENTRIES", 0)
+    options = dict(workers=6, byzantine=0, byzantine_real=1, attack="little(factor=0)", steps=3)
+    selected = _column(_simulation(gar="multi-krum", **options).run(), "byzantine_selected")
+    assert selected.tolist() == [1.0, 1.0, 1.0]
+    assert np.isnan(_column(_simulation(gar="average", **options).run(), "byzantine_selected")).all()
+    # no Byzantine worker: nothing to count (and no selection buffer to fill)
+    honest_only = _simulation(gar="multi-krum", workers=6, byzantine=0, steps=3).run()
+    assert np.isnan(_column(honest_only, "byzantine_selected")).all()
+
+
+@pytest.mark.parametrize("path", ["windowed", "one-step vectors", "one-step gram"])
+def test_aggregate_norm_is_the_length_of_each_update(monkeypatch, path):
+    """Without momentum ``θ_s = θ_{s−1} − λ·GAR_s``, so ``aggregate_norm`` at step ``s`` equals
+    ``‖θ_s − θ_{s−1}‖/λ`` (θ from a checkpoint at every step, differences in float64; float32 rounding
+    of θ bounds the agreement to ~1e-5 here). 55 steps: more than one window of 50 steps, so the second
+    window's metrics are checked too. The paths: a window of steps (small models); one step per window
+    with the metrics from the vectors (MDA against a Gaussian attack, whose vectors are not copies);
+    one step with the metrics from the Gram matrix of the distinct rows (MDA against ALIE's copies).
+    Catches the window's kept tensors never cleared (the second window records the first one's
+    aggregates) and the Gram-matrix metrics taken when the step has no such matrix."""
+    from dpbr.simulation import engine
+
+    if path != "windowed":
+        monkeypatch.setattr(engine, "WINDOW_MAX_ENTRIES", 0)
+    attack = "gaussian" if path == "one-step vectors" else "little"
+    lr, steps = 0.5, 55
+    thetas: dict[int, torch.Tensor] = {}
+    sim = _simulation(workers=7, byzantine=2, gar="mda", attack=attack, momentum=0.0, lr=lr, steps=steps)
+    result = sim.run(checkpoint=lambda step, theta: thetas.__setitem__(step, theta.detach().double().clone()),
+                     checkpoint_steps=frozenset(range(steps + 1)))
+    assert result.steps_done == steps
+    moved = np.array([float(torch.linalg.vector_norm(thetas[s] - thetas[s - 1])) / lr for s in range(1, steps + 1)])
+    assert moved.min() > 0
+    np.testing.assert_allclose(_column(result, "aggregate_norm"), moved, rtol=1e-4)
+
+
+def test_centered_clipping_starts_each_step_from_the_previous_center():
+    """Centered clipping (Karimireddy, He, Jaggi 2021) with one iteration moves its center by at most
+    ``τ`` per step: from the previous step's center, ``‖v_s‖ ≤ s·τ``; the honest gradients of nearby θ
+    point the same way, so the center keeps moving and ``‖v_s‖`` grows past ``τ`` — from a zero center
+    at every step it could never exceed ``τ``. Catches the rule's ``state`` not passed between steps."""
+    tau = 1e-3
+    result = _simulation(gar=f"centered-clipping(tau={tau},iters=1)", steps=5).run()
+    norms = _column(result, "aggregate_norm")
+    assert (norms <= tau * np.arange(1, 6) * (1 + 1e-5)).all()
+    assert norms[-1] > 2 * tau
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -131,15 +198,6 @@ def test_mechanism_kernels_refuse_integer_tensors_and_non_tensors(fn):
 # Aggregation rules
 
 
-def test_krum_with_one_neighbour_scores_by_the_nearest_other_row():
-    """``n = 3, f = 0``: a Krum score is the squared distance to the ``k = n − f − 2 = 1`` nearest other
-    row. Rows (10, 0), (0, 0), (1, 0): scores 81, 1, 1 — the far row is never chosen. Catches
-    ``if k > 0`` → ``if k > 1`` in the score (all scores 0 at ``k = 1``: the first row wins)."""
-    G = torch.tensor([[10.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
-    out = aggregators.get("krum")(G, 0)
-    assert out.tolist() in ([0.0, 0.0], [1.0, 0.0])
-
-
 def test_multi_krum_has_the_krum_vn_bound_only_up_to_m_equal_n_minus_f_minus_2():
     """The VN bound of Multi-Krum is Krum's ``1/sqrt(2(n − f + f(n + f(n − f − 2) − 2)/(n − 2f − 2)))``
     for ``m ≤ n − f − 2`` and unknown (``None``) above. Catches ``m <= n − f − 2`` → ``<= n − f − 3``."""
@@ -175,7 +233,25 @@ def test_mda_limit_is_inclusive(monkeypatch):
         rule.check(9, 3)
 
 
-@pytest.mark.parametrize("name", ["average", "centered-clipping", "geometric-median", "median"])
-def test_every_rule_needs_at_least_one_worker(name):
-    """Catches ``max([1] + …)`` → ``max([0] + …)`` in :meth:`Aggregator.min_workers`."""
-    assert aggregators.get(name).min_workers(0) >= 1
+# ----------------------------------------------------------------------------------------------- #
+# Step metrics
+
+
+def test_window_deviation_stays_accurate_when_one_step_has_nearly_equal_rows():
+    """``honest_deviation = sqrt(Σ_i ‖g_i − ḡ‖²/(h − 1))``. For long rows the window may take it from
+    ``Σ‖g_i‖² − h‖ḡ‖²``, which keeps its digits only where the spread is a fair share of ``Σ‖g_i‖²`` —
+    for *every* step of the window. Step 0 here has independent rows, step 1 rows equal up to
+    1e-4 (spread ≈ 1e-8 of ``Σ‖g_i‖²``); both must match the centred float64 formula. Catches the
+    check ``.all()`` → ``.any()`` (the cancelling difference used for step 1 too)."""
+    from dpbr.simulation import window_metrics
+
+    rng = np.random.default_rng(1)
+    c, h, d = 2, 4, 1 << 18  # c·h·d = 2²¹ entries: the long-row regime
+    rows = rng.normal(size=(c, h, d)).astype(np.float32)
+    rows[1] = rng.normal(size=d).astype(np.float32) + 1e-4 * rng.normal(size=(h, d)).astype(np.float32)
+    r64 = rows.astype(np.float64)
+    expected = np.sqrt(((r64 - r64.mean(1, keepdims=True)) ** 2).sum((1, 2)) / (h - 1))
+    vectors = torch.tensor(rng.normal(size=(c, 4, d)).astype(np.float32))
+    out = window_metrics(torch.zeros(c, h), torch.tensor(rows), None, None, None, vectors,
+                         scratch=torch.empty(c, h, d))
+    np.testing.assert_allclose(out[:, STEP_COLUMNS.index("honest_deviation")].numpy(), expected, rtol=1e-4)

@@ -38,7 +38,7 @@ CASES = [
 def test_reconstruct_lowers_the_gradient_distance_on_the_cnn_and_a_resnet(tmp_path, capsys, model, attack,
                                                                           iterations, batch, bound):
     from dpbr import data
-    from dpbr.inversion.run import prepare
+    from dpbr.inversion.case import prepare
 
     out = tmp_path / "r.parquet"
     args = ["reconstruct", "--model", model, "--dataset", SYN, "--attack", attack, "--batch-size", str(batch),

@@ -26,7 +26,7 @@ with momentum, dampening 0). Per step:
 The model starts from ``models.build(..., seed=derive((seed, "model")))``. The seed derivation is
 written here from its contract (SHA-256 of ``dpbr|seed|purpose|worker``), not imported.
 
-``dpbr train`` runs through :func:`dpbr.train.train` (what the command calls) with a checkpoint at every
+``dpbr train`` runs through :func:`dpbr.jobs.train.train` (what the command calls) with a checkpoint at every
 step, so θ is compared step by step, and its Parquet columns are compared with the reference's.
 
 Tolerance. The reference's float32 kernels differ from dpbr's (autograd per worker against the logistic
@@ -53,11 +53,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpbr import checkpoints, data, models
+from dpbr import data, models
+from dpbr.jobs import checkpoints
 from dpbr.privacy import mechanisms
 from dpbr.robust import aggregators, attacks
+from dpbr.simulation.partitions import partition
 from dpbr.spec import RunSpec, mechanisms_quantize_term
-from dpbr.train import train
+from dpbr.jobs.train import train
 
 VECTORS = "synthetic(classes=2,d=20,n=200,n_test=40)"  # logit: d = 21
 IMAGES = "synthetic(n=160,n_test=20,size=16)"           # 1×16×16, 10 classes: LeNet d = 9,466, CNN d = 56,080
@@ -147,7 +149,7 @@ def reference_run(spec: RunSpec) -> Reference:
     n_train = int(y_train.shape[0])
     shares = None
     if spec.partition != "iid":  # split among the honest workers only
-        shares = data.partition(y_train, h, spec.partition, generator=seeded(spec.seed, "partition"))
+        shares = partition(y_train, h, spec.partition, generator=seeded(spec.seed, "partition"))
     batch_gens = [seeded(spec.seed, "batch", w) for w in range(n)]
     privacy_gens = [seeded(spec.seed, "privacy", i) for i in range(h)]
     attack_gen, rule_gen = seeded(spec.seed, "attack"), seeded(spec.seed, "aggregator")

@@ -59,3 +59,38 @@ def test_registry_unknown_names_and_parameters():
         reg.build("median")
     with pytest.raises(UsageError, match="no parameter 'm'; allowed: scale"):
         reg.build("mean", m=3)
+
+
+def test_a_registered_class_carries_its_name_and_composition_inputs_are_not_spec_parameters():
+    reg: Registry = Registry(kind="pre-aggregator", option="--gar")
+
+    @reg.register("bucket", "bkt")
+    class Bucket:
+        def __init__(self, inner, s: int = 2):
+            self.inner, self.s = inner, s
+
+    assert (Bucket.key, Bucket.aliases) == ("bucket", ("bkt",))
+    assert reg.factory("BKT") is Bucket
+    built = reg.build("bkt", "rule", s=3)
+    assert (built.inner, built.s) == ("rule", 3)
+    # the wrapped rule comes from composition: naming it in a spec is an unknown parameter
+    with pytest.raises(UsageError, match="no parameter 'inner'; allowed: s$"):
+        reg.build("bucket", "rule", inner="other")
+    with pytest.raises(RuntimeError, match="alias 'bkt' registered twice"):
+        reg.register("other", "bkt")(type("Other", (), {}))
+    with pytest.raises(RuntimeError, match="'bkt' registered twice"):
+        reg.register("bkt")(type("Other", (), {}))
+
+
+def test_every_family_registers_classes_that_carry_their_registered_name():
+    from dpbr.privacy import mechanisms
+    from dpbr.robust import aggregators, attacks
+
+    families = [(aggregators.rules, aggregators.Aggregator), (aggregators.pre_aggregators, aggregators.Aggregator),
+                (attacks.registry, attacks.Attack), (mechanisms.registry, mechanisms.Mechanism)]
+    for reg, base in families:
+        assert reg.names()
+        for name in reg.names():
+            cls = reg.factory(name)
+            assert isinstance(cls, type) and issubclass(cls, base), (reg.kind, name)
+            assert cls.key == name and all(reg.factory(a) is cls for a in cls.aliases), (reg.kind, name)

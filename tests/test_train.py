@@ -250,11 +250,11 @@ def test_logistic_fast_path_is_bit_identical_to_the_models_closed_form():
 @pytest.mark.parametrize("partition", ["iid", "shards"])
 def test_window_draw_of_indices_equals_per_step_draws(partition):
     a, b = _sim(partition=partition), _sim(partition=partition)
-    per_step = torch.stack([a._sample(range(5)) for _ in range(7)])
+    per_step = torch.stack([a.sampler.sample(range(5)) for _ in range(7)])
     scratch, out = torch.empty(5, 9, 16, dtype=torch.int64), torch.empty(9, 5, 16, dtype=torch.int64)
-    window = b._sample_window(range(5), 7, scratch, out)
+    window = b.sampler.sample_window(range(5), 7, scratch, out)
     assert torch.equal(window, per_step)
-    assert torch.equal(a._sample(range(5)), b._sample(range(5)))  # the generators end in the same state
+    assert torch.equal(a.sampler.sample(range(5)), b.sampler.sample(range(5)))  # the generators end in the same state
 
 
 def test_window_metrics_match_a_direct_float64_computation():
@@ -315,10 +315,10 @@ def test_long_vector_metrics_are_accurate():
 
 
 def test_windowed_and_per_step_runs_give_the_same_trajectory_and_metrics(monkeypatch):
-    import dpbr.simulation as simulation
+    from dpbr.simulation import engine
 
     windowed = _sim(steps=23).run()  # 23 steps: a window of 50 cut short
-    monkeypatch.setattr(simulation, "WINDOW_MAX_ENTRIES", 0)  # a window of one step
+    monkeypatch.setattr(engine, "WINDOW_MAX_ENTRIES", 0)  # a window of one step
     per_step = _sim(steps=23).run()
     assert windowed.steps_done == per_step.steps_done == 23
     torch.testing.assert_close(windowed.metrics, per_step.metrics, rtol=1e-5, atol=1e-7, equal_nan=True)
@@ -353,8 +353,7 @@ def _gram_case(h: int, f: int, d: int, seed: int, *, spread: float = 1.0, clean:
 @pytest.mark.parametrize("clean", [True, False])
 @pytest.mark.parametrize("chosen", [[0, 1, 2, 3, 4, 5], [0, 2, 3, 7, 8, 9], [1], [6, 9]])
 def test_metrics_from_the_gram_matrix_equal_the_metrics_from_the_vectors(chosen, clean):
-    from dpbr.simulation import copies_gram
-    from dpbr.step_metrics import gram_step_metrics, window_metrics
+    from dpbr.simulation import copies_gram, gram_step_metrics, window_metrics
 
     h, f, d = 6, 5, 50_000
     stacked, clean_rows, disp, losses = _gram_case(h, f, d, 7, clean=clean)
@@ -381,8 +380,7 @@ def test_metrics_from_the_gram_matrix_equal_the_metrics_from_the_vectors(chosen,
 
 
 def test_metrics_from_the_gram_matrix_step_aside_where_the_sums_lose_precision():
-    from dpbr.simulation import copies_gram
-    from dpbr.step_metrics import gram_step_metrics
+    from dpbr.simulation import copies_gram, gram_step_metrics
 
     h, f, d = 6, 5, 20_000
     work = dict(mean_out=torch.empty(d), scratch=torch.empty(h, d))
@@ -410,16 +408,15 @@ def test_metrics_from_the_gram_matrix_step_aside_where_the_sums_lose_precision()
 
 
 def test_simulation_takes_the_metrics_from_the_gram_matrix_and_they_match_the_vectors(monkeypatch):
-    import dpbr.simulation as simulation
-    import dpbr.step_metrics as step_metrics
+    from dpbr.simulation import engine, metrics
 
-    monkeypatch.setattr(simulation, "WINDOW_MAX_ENTRIES", 0)  # a window of one step: the large-model path
+    monkeypatch.setattr(engine, "WINDOW_MAX_ENTRIES", 0)  # a window of one step: the large-model path
     used = []
-    real = step_metrics.gram_step_metrics
-    monkeypatch.setattr(simulation, "gram_step_metrics", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    real = metrics.gram_step_metrics
+    monkeypatch.setattr(engine, "gram_step_metrics", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     from_gram = _sim(steps=12).run()
     assert len(used) == 12 and all(row is not None for row in used)
-    monkeypatch.setattr(simulation, "gram_step_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(engine, "gram_step_metrics", lambda *a, **k: None)
     from_vectors = _sim(steps=12).run()
     torch.testing.assert_close(from_gram.metrics, from_vectors.metrics, rtol=1e-5, atol=1e-7, equal_nan=True)
     assert from_gram.evaluations == from_vectors.evaluations  # the same θ

@@ -102,7 +102,7 @@ def _fake_checkpoints(folder, steps=(0, 5, 10)):
     run = RunSpec.create(dataset=DATA, model="logit", steps=10)
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
-    from dpbr import checkpoints
+    from dpbr.jobs import checkpoints
 
     run_id = checkpoints.new_run_id()
     for s in steps:

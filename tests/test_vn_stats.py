@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from dpbr import linalg
 from dpbr.privacy import mechanisms
-from dpbr.vn.stats import bootstrap_counts, estimate_ratio, gram64, noise_check, pair_statistics, ratio_from
+from dpbr.vn.stats import bootstrap_counts, estimate_ratio, noise_check, pair_statistics, ratio_from
 
 
 def _explicit(G: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
@@ -27,7 +28,7 @@ def _explicit(G: torch.Tensor, counts: torch.Tensor) -> tuple[float, float]:
 def test_pair_statistics_are_the_unbiased_mean_norm_and_variance():
     g = torch.Generator().manual_seed(0)
     G = torch.randn(7, 5, generator=g, dtype=torch.float64) + 2.0
-    m2, v = pair_statistics(gram64(G))
+    m2, v = pair_statistics(linalg.gram(G, dtype=torch.float64))
     mean = G.mean(0)
     var = ((G - mean) ** 2).sum(1).sum() / (7 - 1)  # unbiased sample variance (trace)
     assert float(v[0]) == pytest.approx(float(var), rel=1e-12)
@@ -39,17 +40,18 @@ def test_resampled_statistics_skip_pairs_of_the_same_original_sample():
     G = torch.randn(6, 3, generator=g, dtype=torch.float64)
     counts = bootstrap_counts(6, 5, g)
     assert torch.all(counts.sum(1) == 6)
-    m2, v = pair_statistics(gram64(G), counts)
+    m2, v = pair_statistics(linalg.gram(G, dtype=torch.float64), counts)
     for b in range(5):
         want_m2, want_v = _explicit(G, counts[b])
         assert float(m2[b]) == pytest.approx(want_m2, rel=1e-10, abs=1e-12)
         assert float(v[b]) == pytest.approx(want_v, rel=1e-10)
 
 
-def test_gram_in_blocks_equals_one_product():
+def test_gram_in_blocks_equals_one_product(monkeypatch):
+    monkeypatch.setattr(linalg, "GRAM_BLOCK", 128)
     G = torch.randn(9, 1000, dtype=torch.float32)
     ref = G.double() @ G.double().T
-    assert torch.allclose(gram64(G, block=128), ref, rtol=1e-12, atol=1e-9)
+    assert torch.allclose(linalg.gram(G, dtype=torch.float64), ref, rtol=1e-12, atol=1e-9)
 
 
 def test_ratio_without_detectable_mean_is_infinite():

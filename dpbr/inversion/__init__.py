@@ -10,7 +10,8 @@ Modules
 :mod:`~dpbr.inversion.attacks`    ``dlg``, ``idlg`` and ``ig`` (Inverting Gradients)
 :mod:`~dpbr.inversion.metrics`    MSE, PSNR, standard Gaussian-window SSIM, Hungarian matching
 :mod:`~dpbr.inversion.grid`       the PNG grid (originals above, reconstructions below)
-:mod:`~dpbr.inversion.run`        one ``dpbr reconstruct`` job (Parquet + PNG)
+:mod:`~dpbr.inversion.case`       one case: the attacked model, the batch, the shared gradient
+                                  (the user side), the attack and its score
 """
 
 from dpbr.inversion.attacks import ATTACKS, AttackResult, inverting_gradients, lbfgs_attack

@@ -56,7 +56,7 @@ import functools
 import math
 import numbers
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
 from dpbr._lazy import LazyModule
 
@@ -101,6 +101,7 @@ _STAGE_NAMES = {v: k for k, v in STAGES.items()}
 #: option (``--defence``, ``--quantize``), so this label only reaches direct library callers.
 _OPTION = "mechanism"
 
+#: The mechanisms: every mechanism class below registers itself with ``@registry.register(name, *aliases)``.
 registry: Registry["Mechanism"] = Registry(kind="privacy mechanism", option=_OPTION)
 
 
@@ -358,10 +359,16 @@ def clip_per_example_mean(per_example: torch.Tensor, c: float) -> torch.Tensor:
 class Mechanism:
     """Base class: a named, stateless transformation of worker gradients.
 
-    Subclasses implement :meth:`_apply` on a 2-D ``(h, d)`` tensor; :meth:`__call__` handles the
-    ``(d,)`` case and the checks.
+    Subclasses register with ``@registry.register(name, *aliases)`` (which sets :attr:`key` and
+    :attr:`aliases`), declare their parameters as the keyword parameters of ``__init__`` (validated
+    there; :attr:`name` is then the canonical spec with every parameter) and implement :meth:`_apply`
+    on a 2-D ``(h, d)`` tensor; :meth:`__call__` handles the ``(d,)`` case and the checks.
     """
 
+    #: Registered name (set by the registry's decorator).
+    key: ClassVar[str] = ""
+    #: Registered aliases (set by the registry's decorator).
+    aliases: ClassVar[tuple[str, ...]] = ()
     name: str = "mechanism"
     stage: int = -1
     sigma: float = 0.0
@@ -397,11 +404,14 @@ class Mechanism:
         return hash((type(self).__name__, self.name))
 
 
+@registry.register("none", "identity", "off")
 class Identity(Mechanism):
     """No privacy mechanism (``"none"``): returns a copy of the input (ε = ∞ in the study's grid)."""
 
-    name = "none"
     stage = -1
+
+    def __init__(self) -> None:
+        self.name = self.key
 
     def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None, out: torch.Tensor | None = None) -> torch.Tensor:
         _check_tensor(G, self.name)
@@ -410,6 +420,7 @@ class Identity(Mechanism):
         return G.clone()
 
 
+@registry.register("clip")
 class Clip(Mechanism):
     r"""L2 clipping to norm ``c``: :math:`x \mapsto x \min(1, c / \|x\|_2)`.
 
@@ -425,7 +436,9 @@ class Clip(Mechanism):
 
     stage = STAGES["clip"]
 
-    def __init__(self, c: float, mode: str = "batch") -> None:
+    def __init__(self, c: float | None = None, mode: str = "batch") -> None:
+        if c is None:
+            raise UsageError(_OPTION, "clip: needs the clipping norm c, e.g. clip(c=0.01)")
         self.c = _positive_finite(c, "--clip", "clip")
         m = str(mode).strip().lower().replace("_", "-")
         if m in ("per-example", "example", "per-sample", "sample"):
@@ -433,7 +446,7 @@ class Clip(Mechanism):
         if m not in ("batch", "per-example"):
             raise UsageError(_OPTION, f"clip: mode must be 'batch' or 'per-example', got {mode!r}")
         self.mode = m
-        self.name = format_term("clip", {"c": self.c, "mode": self.mode})
+        self.name = format_term(self.key, {"c": self.c, "mode": self.mode})
 
     def __call__(self, G: torch.Tensor, *, generator: GeneratorArg = None, out: torch.Tensor | None = None) -> torch.Tensor:
         _check_tensor(G, self.name)
@@ -455,6 +468,7 @@ class Clip(Mechanism):
         clip_rows(X, self.c, out=out)
 
 
+@registry.register("gaussian", "noise", "gauss")
 class Gaussian(Mechanism):
     r"""Additive i.i.d. Gaussian noise: :math:`x \mapsto x + \mathcal N(0, \sigma^2 I_d)` per worker row.
 
@@ -510,7 +524,7 @@ class Gaussian(Mechanism):
             }
         self.epsilon = self.params.get("epsilon")
         self.delta = self.params.get("delta")
-        self.name = format_term("gaussian", self.params)
+        self.name = format_term(self.key, self.params)
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
         out = torch.empty_like(X, memory_format=torch.contiguous_format)
@@ -566,6 +580,7 @@ def sparsify_rows(X: torch.Tensor, p: float) -> torch.Tensor:
     return X.masked_fill(prune, 0.0)
 
 
+@registry.register("sparsify", "prune", "sparsification")
 class Sparsify(Mechanism):
     r"""Magnitude pruning, sign-separated: zero the fraction ``p`` of smallest-magnitude coordinates
     separately within the positive and the negative components of each worker row.
@@ -584,12 +599,13 @@ class Sparsify(Mechanism):
         if not 0.0 <= x <= 1.0:
             raise UsageError(_OPTION, f"sparsify: p must be in [0, 1], got {x!r}")
         self.p = x
-        self.name = format_term("sparsify", {"p": x})
+        self.name = format_term(self.key, {"p": x})
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
         return sparsify_rows(X, self.p)
 
 
+@registry.register("topk", "top-k")
 class TopK(Mechanism):
     r"""Top-k sparsification: keep the ``k`` largest-magnitude coordinates of each row, zero the rest.
 
@@ -607,13 +623,13 @@ class TopK(Mechanism):
         if k is not None:
             self.k: int | None = _positive_int(k, _OPTION, "topk: k")
             self.fraction: float | None = None
-            self.name = format_term("topk", {"k": self.k})
+            self.name = format_term(self.key, {"k": self.k})
         else:
             f = _number(fraction, _OPTION, "topk: fraction")
             if not 0.0 < f <= 1.0:
                 raise UsageError(_OPTION, f"topk: fraction must be in (0, 1], got {f!r}")
             self.k, self.fraction = None, f
-            self.name = format_term("topk", {"fraction": f})
+            self.name = format_term(self.key, {"fraction": f})
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
         d = X.shape[1]
@@ -627,6 +643,7 @@ class TopK(Mechanism):
 _QUANT_KINDS = ("uniform", "stochastic", "sign", "qsgd", "fp16", "bf16")
 
 
+@registry.register("quantize", "quantization")
 class Quantize(Mechanism):
     r"""Gradient quantization (a defence against gradient inversion, e.g. DLG, Zhu et al. 2019, arXiv
     1906.08935), per worker row ``x ∈ R^d``.
@@ -697,7 +714,7 @@ class Quantize(Mechanism):
                 raise UsageError(_OPTION, f"quantize(kind={k}) takes no bits or levels")
             params = {"kind": k}
         self.randomized = k in ("stochastic", "qsgd")
-        self.name = format_term("quantize", params)
+        self.name = format_term(self.key, params)
 
     def _apply(self, X: torch.Tensor, generator: GeneratorArg) -> torch.Tensor:
         k = self.kind
@@ -797,45 +814,7 @@ def compose(*mechanisms: Mechanism) -> Pipeline:
 
 
 # --------------------------------------------------------------------------------------------------
-# Registry
-
-
-@registry.register("none", "identity", "off")
-def _make_none() -> Mechanism:
-    return Identity()
-
-
-@registry.register("clip")
-def _make_clip(c: float | None = None, mode: str = "batch") -> Mechanism:
-    if c is None:
-        raise UsageError(_OPTION, "clip: needs the clipping norm c, e.g. clip(c=0.01)")
-    return Clip(c, mode)
-
-
-@registry.register("gaussian", "noise", "gauss")
-def _make_gaussian(
-    sigma: float | None = None,
-    epsilon: float | None = None,
-    delta: float | None = None,
-    clip: float | None = None,
-    batch_size: int | None = None,
-) -> Mechanism:
-    return Gaussian(sigma=sigma, epsilon=epsilon, delta=delta, clip=clip, batch_size=batch_size)
-
-
-@registry.register("sparsify", "prune", "sparsification")
-def _make_sparsify(p: float = 0.25) -> Mechanism:
-    return Sparsify(p)
-
-
-@registry.register("topk", "top-k")
-def _make_topk(k: int | None = None, fraction: float | None = None) -> Mechanism:
-    return TopK(k=k, fraction=fraction)
-
-
-@registry.register("quantize", "quantization")
-def _make_quantize(kind: str = "uniform", bits: int | None = None, levels: int | None = None) -> Mechanism:
-    return Quantize(kind=kind, bits=bits, levels=levels)
+# Look-up
 
 
 def names() -> list[str]:

@@ -1,7 +1,7 @@
 """``dpbr reconstruct-report``: summary tables and figures of gradient-inversion cells.
 
 Inputs are ``dpbr reconstruct`` cell files (one row per reconstructed image, see
-:mod:`dpbr.inversion.run`) and, optionally, the training grid's final-accuracy table. Outputs:
+:mod:`dpbr.jobs.reconstruct`) and, optionally, the training grid's final-accuracy table. Outputs:
 
 ``reconstruct.parquet``
     Every image row of every cell.

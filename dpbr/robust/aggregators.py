@@ -47,7 +47,7 @@ Contract of every rule
   only Python loops run a fixed number of whole-tensor steps: Weiszfeld / clipping iterations,
   Bulyan's ``θ`` selection rounds, the compare-exchanges of the CPU sorting network and the
   ``n − k + 1`` candidate windows of the closest-to-median means (``f + 1`` for meamed, ``2f + 1``
-  for Bulyan; :func:`dpbr.robust._geometry.mean_closest`).
+  for Bulyan; :func:`dpbr.linalg.mean_closest`).
   Pairwise distances all come from one blocked Gram matrix.
 - Non-finite inputs: when at most ``f`` rows hold a NaN or ±inf, every rule but ``average`` returns a
   finite vector determined by the finite rows, as follows.
@@ -73,6 +73,16 @@ Contract of every rule
   Combinations never touch a non-finite row arithmetically (``0 · NaN = NaN``): means of selected
   rows and weighted sums go through ``embedding_bag``, which reads only the rows it is given.
 
+Registration
+------------
+Each rule is one class, registered where it is defined by ``@rules.register(name, *aliases)``
+(pre-aggregators by ``@pre_aggregators.register``), which also sets the class's :attr:`~Aggregator.key`.
+The class declares everything else beside its kernel ``_aggregate``: its spec parameters (the keyword
+parameters of ``__init__``, validated there; a pre-aggregator's first argument, the rule it wraps,
+comes from the composition and is no spec parameter), its requirement on ``n, f`` (``_clauses``, plus
+``_problem`` for MDA's size limit) and its VN constant (``_vn``). :func:`get` builds rules by name;
+errors and bounds come from these declarations only.
+
 VN bounds
 ---------
 :meth:`Aggregator.vn_bound` returns ``k_F(n, f)``, the largest ratio
@@ -85,10 +95,14 @@ condition is needed (``f = 0`` for average and MDA, which then average all rows)
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
 
 from dpbr._lazy import LazyModule
 
@@ -98,9 +112,9 @@ if TYPE_CHECKING:
 else:  # imported on first use: validating rule names needs no torch (dpbr._lazy)
     torch = LazyModule("torch", globals())
 
+from dpbr import linalg
 from dpbr.errors import UsageError
 from dpbr.registry import Registry, format_term, parse
-from dpbr.robust import _geometry as geo
 
 __all__ = [
     "MDA_MAX_ENTRIES",
@@ -120,10 +134,19 @@ __all__ = [
     "TrimmedMean",
     "get",
     "krum_vn_bound",
+    "mda_tables",
     "names",
+    "pre_aggregators",
+    "rules",
+    "subset_pairs",
 ]
 
 OPTION = "--gar"
+
+#: The aggregation rules: every rule class below registers itself with ``@rules.register(name, *aliases)``.
+rules: Registry[Aggregator] = Registry(kind="aggregation rule", option=OPTION)
+#: The pre-aggregators, written before a rule and joined with ``+``; built with the rule they wrap.
+pre_aggregators: Registry[Aggregator] = Registry(kind="pre-aggregator", option=OPTION)
 
 MDA_MAX_ENTRIES = 1 << 24
 """Largest MDA subset × pair table, ``C(n, f) · (n−f)(n−f−1)/2`` entries (16,777,216).
@@ -202,11 +225,15 @@ def krum_vn_bound(n: int, f: int) -> float | None:
 class Aggregator:
     """Base class: an aggregation rule with its requirement on ``(n, f)`` and its VN bound.
 
-    Subclasses set :attr:`key` (registered name), :attr:`selects`, the requirement clauses
-    (:meth:`_clauses`), implement :meth:`_aggregate` and, where the literature has one, :meth:`_vn`.
+    Subclasses register with ``@rules.register(name, *aliases)`` (which sets :attr:`key`), set
+    :attr:`selects`, the requirement clauses (:meth:`_clauses`), implement :meth:`_aggregate` and,
+    where the literature has one, :meth:`_vn`.
     """
 
+    #: Registered name (set by the registry's decorator).
     key: ClassVar[str] = ""
+    #: Registered aliases (set by the registry's decorator).
+    aliases: ClassVar[tuple[str, ...]] = ()
     #: Whether :attr:`Aggregation.selected` is a row mask (``True``) or ``None``.
     selects: ClassVar[bool] = False
     #: Whether the rule works from the Gram matrix ``G Gᵀ`` of its whole input (Krum, Multi-Krum,
@@ -214,7 +241,7 @@ class Aggregator:
     uses_gram: ClassVar[bool] = False
     #: Whether the aggregate is the plain mean of the selected rows (Krum, Multi-Krum, MDA): its inner
     #: products with every row then follow from the Gram matrix and the selection
-    #: (:func:`dpbr.step_metrics.gram_step_metrics`). Bulyan selects, then takes a trimmed mean.
+    #: (:func:`dpbr.simulation.metrics.gram_step_metrics`). Bulyan selects, then takes a trimmed mean.
     averages_selected: ClassVar[bool] = False
 
     def __init__(self) -> None:
@@ -341,8 +368,8 @@ class Aggregator:
 
 def _distances(G: Tensor, gram: Tensor | None = None) -> Tensor:
     """``D²`` of the rows of ``G`` from one Gram matrix (``gram`` when given, see :meth:`Aggregator.aggregate`;
-    :func:`_geometry.squared_distances`)."""
-    return geo.squared_distances(geo.gram(geo.compute_view(G)) if gram is None else gram)
+    :func:`dpbr.linalg.squared_distances`)."""
+    return linalg.squared_distances(linalg.gram(linalg.compute_view(G)) if gram is None else gram)
 
 
 def _krum_scores(D2: Tensor, k: int) -> Tensor:
@@ -376,7 +403,7 @@ def _centrality(D2: Tensor) -> Tensor:
 
 def _lexargmin(primary: Tensor, secondary: Tensor) -> Tensor:
     """Index minimising ``primary``; exact ties go to the smaller ``secondary``, then the lower index."""
-    return torch.where(primary == primary.min(), secondary, geo.constant(math.inf, secondary)).argmin()
+    return torch.where(primary == primary.min(), secondary, linalg.constant(math.inf, secondary)).argmin()
 
 
 def _lexorder(primary: Tensor, secondary: Tensor) -> Tensor:
@@ -394,14 +421,13 @@ def _mask(n: int, rows: Tensor) -> Tensor:
 # Rules
 
 
+@rules.register("average", "mean", "avg")
 class Average(Aggregator):
     """Arithmetic mean ``(1/n) Σ_i x_i``; not robust (propagates NaN/inf by design).
 
     VN bound: ``inf`` for ``f = 0``; ``0`` for ``f ≥ 1`` — no linear combination of the inputs
     tolerates a single Byzantine vector (Blanchard et al. 2017, Lemma 1), so no VN ratio suffices.
     """
-
-    key = "average"
 
     def _aggregate(self, G, f, generator, state):
         return Aggregation(G.mean(dim=0))
@@ -410,6 +436,7 @@ class Average(Aggregator):
         return math.inf if f == 0 else 0.0
 
 
+@rules.register("multi-krum", "multikrum", "multi_krum")
 class MultiKrum(Aggregator):
     """Multi-Krum (Blanchard et al. 2017; El Mhamdi et al. 2018): mean of the ``m`` best-scored rows.
 
@@ -438,7 +465,6 @@ class MultiKrum(Aggregator):
     variant and to every ``m ≤ n − f − 2``); ``None`` for larger ``m``, the default included.
     """
 
-    key = "multi-krum"
     selects = True
     uses_gram = True
     averages_selected = True
@@ -477,9 +503,10 @@ class MultiKrum(Aggregator):
             rows = _lexargmin(scores, _centrality(D2)).reshape(1)
         else:
             rows = _lexorder(scores, _centrality(D2))[:m]
-        return Aggregation(geo.mean_rows(G, rows), _mask(n, rows))
+        return Aggregation(linalg.mean_rows(G, rows), _mask(n, rows))
 
 
+@rules.register("krum")
 class Krum(MultiKrum):
     """Krum (Blanchard et al. 2017): the row with the lowest Krum score (see :class:`MultiKrum`).
 
@@ -491,8 +518,6 @@ class Krum(MultiKrum):
 
     Requirement ``n ≥ 2f + 3``. VN bound :func:`krum_vn_bound` (LPD ``upper_bound``).
     """
-
-    key = "krum"
 
     def __init__(self, neighbours: str | None = None) -> None:
         self.m = 1
@@ -507,14 +532,13 @@ class Krum(MultiKrum):
         return krum_vn_bound(n, f)
 
 
+@rules.register("median", "cm", "coordinate-median")
 class Median(Aggregator):
     """Coordinate-wise median (Yin et al. 2018); even ``n``: midpoint of the two middle values.
 
     Requirement ``n ≥ 2f + 1``. VN bound ``1/sqrt(n − f)`` (LPD ``median.upper_bound``).
     NaN entries count as ``+inf`` (see the module docstring).
     """
-
-    key = "median"
 
     def _clauses(self):
         return [("2f + 1", lambda f: 2 * f + 1)]
@@ -523,9 +547,10 @@ class Median(Aggregator):
         return 1.0 / math.sqrt(n - f)
 
     def _aggregate(self, G, f, generator, state):
-        return Aggregation(geo.coordinate_median(G))
+        return Aggregation(linalg.coordinate_median(G))
 
 
+@rules.register("trimmed-mean", "tm", "trimmed_mean")
 class TrimmedMean(Aggregator):
     """Coordinate-wise trimmed mean (Yin et al. 2018): per coordinate drop the ``f`` largest and the
     ``f`` smallest values and average the ``n − 2f`` others (never silently lowers ``f``).
@@ -533,17 +558,16 @@ class TrimmedMean(Aggregator):
     Requirement ``n ≥ 2f + 1``. VN bound: ``None``. NaN entries count as ``+inf``.
     """
 
-    key = "trimmed-mean"
-
     def _clauses(self):
         return [("2f + 1", lambda f: 2 * f + 1)]
 
     def _aggregate(self, G, f, generator, state):
         n = G.shape[0]
-        S = geo.sorted_rows(G)
-        return Aggregation(geo.sum_rows(S[f:n - f]).div_(n - 2 * f))
+        S = linalg.sorted_rows(G)
+        return Aggregation(linalg.sum_rows(S[f:n - f]).div_(n - 2 * f))
 
 
+@rules.register("meamed")
 class MeaMed(Aggregator):
     """Mean around the median (Xie, Koyejo, Gupta 2018): per coordinate, the mean of the ``n − f``
     values closest to the coordinate-wise median (even ``n``: midpoint median).
@@ -552,26 +576,62 @@ class MeaMed(Aggregator):
     the median). Ties: when values at ``m − r`` and ``m + r`` (``m`` the median, ``r`` the
     ``(n − f)``-th smallest distance to it) compete for the last places, the lower ones are taken —
     the first ``n − f`` values of the column stably sorted by ``(|x − m|, x)``
-    (:func:`dpbr.robust._geometry.mean_closest`). ByzFL's ``Meamed`` takes whichever its
+    (:func:`dpbr.linalg.mean_closest`). ByzFL's ``Meamed`` takes whichever its
     ``argpartition`` returns first; elsewhere the two agree.
     """
-
-    key = "meamed"
 
     def _clauses(self):
         return [("2f + 1", lambda f: 2 * f + 1)]
 
     def _aggregate(self, G, f, generator, state):
-        S = geo.sorted_rows(G)
-        return Aggregation(geo.mean_closest(S, geo.median_of_sorted(S), G.shape[0] - f))
+        S = linalg.sorted_rows(G)
+        return Aggregation(linalg.mean_closest(S, linalg.median_of_sorted(S), G.shape[0] - f))
 
 
+def subset_pairs(n: int, r: int) -> int:
+    """Number of entries ``C(n, r) · P`` of the MDA subset × pair table, ``P = r(r−1)/2`` (1 if ``r = 1``)."""
+    pairs = r * (r - 1) // 2 if r > 1 else 1
+    return math.comb(n, r) * pairs
+
+
+@functools.lru_cache(maxsize=16)
+def _mda_tables_cpu(n: int, f: int) -> tuple[Tensor, Tensor]:
+    r = n - f
+    members = np.fromiter(
+        itertools.chain.from_iterable(itertools.combinations(range(n), r)),
+        dtype=np.int64,
+        count=math.comb(n, r) * r,
+    ).reshape(-1, r)
+    members_t = torch.from_numpy(members)
+    a, b = torch.triu_indices(r, r, offset=1 if r > 1 else 0)
+    flat = (members_t[:, a] * n + members_t[:, b]).T.contiguous().to(torch.int32)
+    return members_t, flat
+
+
+@functools.lru_cache(maxsize=16)
+def mda_tables(n: int, f: int, device: str) -> tuple[Tensor, Tensor]:
+    """Constant index tables of the MDA subset search: the ``C(n, f)`` subsets of ``r = n − f`` rows.
+
+    Returns ``(members, pairs)``: ``members[c]`` (int64, ``C(n, f) × r``) lists the rows of subset
+    ``c`` in ``itertools.combinations(range(n), r)`` order; ``pairs[:, c]`` (int32, ``P × C(n, f)``,
+    pair-major) the flat indices ``i·n + j`` (``i < j``) of its ``P = r(r−1)/2`` pairs in the
+    ``n × n`` distance matrix (for ``r = 1`` the single "pair" ``(i, i)``, whose entry is 0 for a
+    finite row and inf otherwise). Pair-major so that the per-subset maximum and sum reduce over
+    the leading dimension — contiguous, vectorised rows; 3× faster than over a short trailing one.
+    Cached per ``(n, f, device)`` (module-level ``lru_cache``): constants, not state of any rule.
+    """
+    members, flat = _mda_tables_cpu(n, f)
+    dev = torch.device(device)
+    return members.to(dev), flat.to(dev)
+
+
+@rules.register("mda", "brute")
 class MDA(Aggregator):
     """Minimum-diameter averaging (El Mhamdi et al. 2018; LPD's "brute"): the mean of the subset ``S``
     of ``n − f`` rows whose diameter ``max_{i,j ∈ S} ‖x_i − x_j‖`` is smallest.
 
     All ``C(n, f)`` subsets are scored in one gather from the ``n × n`` distance matrix through a cached
-    table of pair indices (:func:`dpbr.robust._geometry.mda_tables`); sizes whose table exceeds
+    table of pair indices (:func:`mda_tables`); sizes whose table exceeds
     :data:`MDA_MAX_ENTRIES` are refused by :meth:`check`. A subset containing a non-finite row has
     infinite diameter, so it is never chosen while an all-finite subset exists — LPD's behaviour (it
     drops such subsets).
@@ -598,7 +658,6 @@ class MDA(Aggregator):
     ``f = 0``.
     """
 
-    key = "mda"
     selects = True
     uses_gram = True
     averages_selected = True
@@ -619,7 +678,7 @@ class MDA(Aggregator):
         if problem is not None:
             return problem
         r = n - f
-        entries = geo.subset_pairs(n, r)
+        entries = subset_pairs(n, r)
         if entries > MDA_MAX_ENTRIES:
             pairs = entries // math.comb(n, r)
             return (
@@ -634,14 +693,15 @@ class MDA(Aggregator):
     def _aggregate(self, G, f, generator, state, gram=None):
         n = G.shape[0]
         D2 = _distances(G, gram)
-        members, pairs = geo.mda_tables(n, f, str(D2.device))
+        members, pairs = mda_tables(n, f, str(D2.device))
         within = D2.view(-1).index_select(0, pairs.view(-1)).view(pairs.shape)  # (pairs, subsets)
         diameters = within.amax(dim=0)
         best = diameters.argmin() if self.ties == "first" else _lexargmin(diameters, within.sum(dim=0))
         rows = members.index_select(0, best.view(1)).view(-1)  # no host sync (members[best] would)
-        return Aggregation(geo.mean_rows(G, rows), _mask(n, rows))
+        return Aggregation(linalg.mean_rows(G, rows), _mask(n, rows))
 
 
+@rules.register("bulyan")
 class Bulyan(Aggregator):
     """Bulyan (El Mhamdi et al. 2018) over Krum.
 
@@ -660,7 +720,6 @@ class Bulyan(Aggregator):
     Requirement ``n ≥ 4f + 3``. VN bound :func:`krum_vn_bound` (LPD ``bulyan.upper_bound``).
     """
 
-    key = "bulyan"
     selects = True
     uses_gram = True
 
@@ -698,10 +757,11 @@ class Bulyan(Aggregator):
             picks.append(pick)
             removed = removed | (arange == pick)
         rows = torch.stack(picks)
-        S = geo.sorted_rows(G.index_select(0, rows))
-        return Aggregation(geo.mean_closest(S, geo.median_of_sorted(S), beta), _mask(n, rows))
+        S = linalg.sorted_rows(G.index_select(0, rows))
+        return Aggregation(linalg.mean_closest(S, linalg.median_of_sorted(S), beta), _mask(n, rows))
 
 
+@rules.register("geometric-median", "rfa", "geometric_median", "gm")
 class GeometricMedian(Aggregator):
     """Geometric median by smoothed Weiszfeld iterations (RFA, Pillutla et al. 2022).
 
@@ -722,8 +782,6 @@ class GeometricMedian(Aggregator):
     Non-finite rows get weight 0 (the result is the geometric median of the finite rows).
     """
 
-    key = "geometric-median"
-
     def __init__(self, nu: float = 0.1, iters: int = 8) -> None:
         self.nu = _positive_float(nu, "nu")
         self.iters = _positive_int(iters, "iters")
@@ -734,9 +792,9 @@ class GeometricMedian(Aggregator):
         return [("2f + 1", lambda f: 2 * f + 1)]
 
     def _aggregate(self, G, f, generator, state):
-        X = geo.compute_view(G)
-        K = geo.gram(X)
-        D2, finite = geo.sqdist(K)
+        X = linalg.compute_view(G)
+        K = linalg.gram(X)
+        D2, finite = linalg.sqdist(K)
         ok = finite[:, None] & finite[None, :]
         Kd = torch.where(ok, K, 0).double()
         sq = Kd.diagonal()
@@ -750,9 +808,10 @@ class GeometricMedian(Aggregator):
             # w_i = 1 / max(ν, ‖x_i − z‖), ‖x_i − z‖² = K_ii − 2 (K a)_i + aᵀ K a
             w = torch.add(sq, Ka, alpha=-2).add_(a @ Ka).clamp_min_(nu2).rsqrt_().mul_(alive)
             a = w / w.sum()
-        return Aggregation(geo.combine(a, X, finite).to(G.dtype))
+        return Aggregation(linalg.combine(a, X, finite).to(G.dtype))
 
 
+@rules.register("centered-clipping", "cc", "centered_clipping", "centeredclipping")
 class CenteredClipping(Aggregator):
     """Centered clipping (Karimireddy, He, Jaggi 2021).
 
@@ -777,8 +836,6 @@ class CenteredClipping(Aggregator):
     update (weight 0) and still counts in ``1/n``; ``state`` must be finite.
     """
 
-    key = "centered-clipping"
-
     def __init__(self, tau: float = 10.0, iters: int = 3) -> None:
         self.tau = _positive_float(tau, "tau")
         self.iters = _positive_int(iters, "iters")
@@ -787,7 +844,7 @@ class CenteredClipping(Aggregator):
 
     def _aggregate(self, G, f, generator, state):
         n, d = G.shape
-        X = geo.compute_view(G)
+        X = linalg.compute_view(G)
         if state is None:
             center = None
             Y = X
@@ -799,7 +856,7 @@ class CenteredClipping(Aggregator):
                 )
             center = state.to(device=X.device, dtype=X.dtype)
             Y = X - center
-        K = geo.gram(Y)
+        K = linalg.gram(Y)
         finite = torch.isfinite(K.diagonal())
         ok = finite[:, None] & finite[None, :]
         Kd = torch.where(ok, K, 0).double()
@@ -813,7 +870,7 @@ class CenteredClipping(Aggregator):
             # λ_i = min(1, τ/‖y_i − v‖) (0 for a non-finite row), ‖y_i − v‖² = K_ii − 2 (K c)_i + cᵀ K c
             lam = torch.add(sq, Kc, alpha=-2).add_(c @ Kc).clamp_min_(tau2).rsqrt_().mul_(self.tau * alive)
             c = c * (1 - lam.sum() / n) + lam / n
-        value = geo.combine(c, Y, finite)
+        value = linalg.combine(c, Y, finite)
         if center is not None:
             value = value + center
         value = value.to(G.dtype)
@@ -824,6 +881,7 @@ class CenteredClipping(Aggregator):
 # Pre-aggregators
 
 
+@pre_aggregators.register("bucketing")
 class Bucketing(Aggregator):
     """Bucketing (Karimireddy, He, Jaggi 2022), then ``inner`` on the bucket means with the same ``f``.
 
@@ -846,8 +904,6 @@ class Bucketing(Aggregator):
     s:
         Bucket size ``s ≥ 1`` (default 2, the paper's choice; ``s = 1`` only permutes).
     """
-
-    key = "bucketing"
 
     def __init__(self, inner: Aggregator, s: int = 2) -> None:
         self.inner = inner
@@ -886,7 +942,7 @@ class Bucketing(Aggregator):
             perm = torch.randperm(n, device=G.device)
         else:
             perm = torch.randperm(n, generator=generator, device=generator.device).to(G.device)
-        X = geo.compute_view(G).index_select(0, perm)
+        X = linalg.compute_view(G).index_select(0, perm)
         full = n // s
         parts = []
         if full:
@@ -902,6 +958,7 @@ class Bucketing(Aggregator):
         return Aggregation(out.value, selected, out.state)
 
 
+@pre_aggregators.register("nnm")
 class NNM(Aggregator):
     """Nearest-neighbour mixing (Allouah et al. 2023), then ``inner`` on the mixed vectors with the same ``f``.
 
@@ -914,8 +971,6 @@ class NNM(Aggregator):
     vectors are dependent; no constant is known to us). ``selected`` is ``inner``'s selection of mixed
     vectors, indexed by the row each was centred on.
     """
-
-    key = "nnm"
 
     def __init__(self, inner: Aggregator) -> None:
         self.inner = inner
@@ -937,47 +992,22 @@ class NNM(Aggregator):
 
     def _aggregate(self, G, f, generator, state):
         n = G.shape[0]
-        X = geo.compute_view(G)
-        D2, finite = geo.sqdist(geo.gram(X))
+        X = linalg.compute_view(G)
+        D2, finite = linalg.sqdist(linalg.gram(X))
         near = D2.topk(n - f, dim=1, largest=False).indices
         W = torch.zeros(n, n, dtype=X.dtype, device=X.device).scatter_(1, near, 1.0 / (n - f))
-        mixed = geo.combine(W, X, finite)
+        mixed = linalg.combine(W, X, finite)
         mixed.add_(torch.where(finite, 0.0, math.nan).to(mixed.dtype)[:, None])  # NaN rows stay NaN
         return self.inner._aggregate(mixed.to(G.dtype), f, generator, state)
 
 
 # ----------------------------------------------------------------------------------------------- #
-# Registry
-
-_RULES: Registry[Aggregator] = Registry(kind="aggregation rule", option=OPTION)
-_PRE: Registry[Callable[[Aggregator], Aggregator]] = Registry(kind="pre-aggregator", option=OPTION)
-
-_RULES.register("average", "mean", "avg")(Average)
-_RULES.register("krum")(Krum)
-_RULES.register("multi-krum", "multikrum", "multi_krum")(MultiKrum)
-_RULES.register("median", "cm", "coordinate-median")(Median)
-_RULES.register("trimmed-mean", "tm", "trimmed_mean")(TrimmedMean)
-_RULES.register("meamed")(MeaMed)
-_RULES.register("mda", "brute")(MDA)
-_RULES.register("bulyan")(Bulyan)
-_RULES.register("geometric-median", "rfa", "geometric_median", "gm")(GeometricMedian)
-_RULES.register("centered-clipping", "cc", "centered_clipping", "centeredclipping")(CenteredClipping)
-
-
-@_PRE.register("bucketing")
-def _bucketing(s: int = 2) -> Callable[[Aggregator], Aggregator]:
-    s = _positive_int(s, "s")
-    return lambda inner: Bucketing(inner, s)
-
-
-@_PRE.register("nnm")
-def _nnm() -> Callable[[Aggregator], Aggregator]:
-    return NNM
+# Look-up
 
 
 def names() -> list[str]:
     """Every registered rule and pre-aggregator name (aliases excluded), sorted."""
-    return sorted(set(_RULES.names()) | set(_PRE.names()))
+    return sorted(set(rules.names()) | set(pre_aggregators.names()))
 
 
 def get(name: str, **params: Any) -> Aggregator:
@@ -999,17 +1029,18 @@ def get(name: str, **params: Any) -> Aggregator:
     """
     terms = parse(name, option=OPTION)
     *pres, (rule_name, rule_params) = terms
-    if rule_name in _PRE and rule_name not in _RULES:
+    if rule_name in pre_aggregators and rule_name not in rules:
         raise UsageError(OPTION, f"{rule_name!r} is a pre-aggregator; end the spec with a rule, e.g. '{rule_name}+krum'")
     for pre_name, _ in pres:
-        if pre_name in _RULES and pre_name not in _PRE:
+        if pre_name in rules and pre_name not in pre_aggregators:
             raise UsageError(
-                OPTION, f"{pre_name!r} is a rule; only pre-aggregators ({', '.join(_PRE.names())}) may precede '+'"
+                OPTION,
+                f"{pre_name!r} is a rule; only pre-aggregators ({', '.join(pre_aggregators.names())}) may precede '+'",
             )
     rule_params = {**rule_params, **params}
-    agg = _RULES.build(rule_name, **rule_params)
-    agg.name = format_term(_RULES.resolve(rule_name), rule_params)
+    agg = rules.build(rule_name, **rule_params)
+    agg.name = format_term(agg.key, rule_params)
     for pre_name, pre_params in reversed(pres):
-        agg = _PRE.build(pre_name, **pre_params)(agg)
-        agg.name = f"{format_term(_PRE.resolve(pre_name), pre_params)}+{agg.inner.name}"
+        agg = pre_aggregators.build(pre_name, agg, **pre_params)
+        agg.name = f"{format_term(agg.key, pre_params)}+{agg.inner.name}"
     return agg

@@ -78,6 +78,7 @@ __all__ = [
     "line_maximize",
     "mean_std",
     "names",
+    "registry",
     "zmax",
 ]
 
@@ -87,7 +88,8 @@ Aggregator = Callable[..., Any]
 """``agg(G: Tensor[n, d], f: int, *, generator=None, state=None) -> Tensor[d]`` (or an object with
 ``.value``, or a tuple whose first item is the aggregate)."""
 
-_registry: Registry["Attack"] = Registry(kind="attack", option=OPTION)
+#: The attacks: every attack class below registers itself with ``@registry.register(name, *aliases)``.
+registry: Registry["Attack"] = Registry(kind="attack", option=OPTION)
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -299,7 +301,7 @@ def line_maximize(
 
 def names() -> list[str]:
     """Registered attack names (aliases excluded), sorted."""
-    return _registry.names()
+    return registry.names()
 
 
 def get(name: str, **params: Any) -> "Attack":
@@ -319,8 +321,8 @@ def get(name: str, **params: Any) -> "Attack":
     if both:
         raise UsageError(OPTION, f"parameter {both[0]!r} given twice (in the name and as a keyword)")
     given = {**given, **params}
-    key = _registry.resolve(key)
-    atk = _registry.build(key, **given)
+    key = registry.resolve(key)
+    atk = registry.build(key, **given)
     atk.name = format_term(key, {k: atk.params[k] for k in given})
     return atk
 
@@ -349,9 +351,16 @@ class Attack:
         True when :meth:`forge` carries state between steps (pass ``state=previous.state``).
     label_map:
         ``(labels, num_classes) -> labels`` for data-poisoning attacks, else ``None``.
+
+    Subclasses register with ``@registry.register(name, *aliases)`` (which sets :attr:`key` and
+    :attr:`aliases`), declare their parameters as the keyword parameters of ``__init__`` (validated
+    there and stored in :attr:`params`) and implement :meth:`_forge`.
     """
 
+    #: Registered name (set by the registry's decorator).
     key: ClassVar[str] = ""
+    #: Registered aliases (set by the registry's decorator).
+    aliases: ClassVar[tuple[str, ...]] = ()
     needs_aggregator: bool = False
     needs_own_gradients: bool = False
     needs_generator: bool = False
@@ -448,7 +457,7 @@ class Attack:
 # Attacks
 
 
-@_registry.register("none")
+@registry.register("none")
 class NoAttack(Attack):
     """No attack: every Byzantine row is the honest mean ``μ = (1/h) Σ_i H_i``.
 
@@ -457,8 +466,6 @@ class NoAttack(Attack):
     leaves the average unchanged and sits at the centre of the honest vectors for robust rules.
     """
 
-    key = "none"
-
     def __init__(self) -> None:
         super().__init__()
 
@@ -466,14 +473,12 @@ class NoAttack(Attack):
         return Forged(_rows(_mean(H), f, H.dtype), copies=True)
 
 
-@_registry.register("nan")
+@registry.register("nan")
 class NanAttack(Attack):
     """Non-finite attack: every coordinate of every Byzantine row is ``NaN`` (LPD ``attacks/nan.py``).
 
     Tests every rule's handling of non-finite inputs (a robust rule must not return NaN).
     """
-
-    key = "nan"
 
     def __init__(self) -> None:
         super().__init__()
@@ -482,7 +487,7 @@ class NanAttack(Attack):
         return Forged(torch.full((f, H.shape[1]), math.nan, dtype=H.dtype, device=H.device))
 
 
-@_registry.register("inf")
+@registry.register("inf")
 class InfAttack(Attack):
     """Non-finite attack: every coordinate is ``+∞`` (``−∞`` with ``negative=true``) (ByzFL ``Inf``).
 
@@ -491,8 +496,6 @@ class InfAttack(Attack):
     negative:
         Send ``−∞`` instead of ``+∞``.
     """
-
-    key = "inf"
 
     def __init__(self, negative: Any = False) -> None:
         super().__init__(negative=_as_bool("negative", negative))
@@ -561,7 +564,7 @@ class _FactorAttack(Attack):
         return Forged(_rows(vector, f, H.dtype, out), None, info, copies=True)
 
 
-@_registry.register("little", "alie")
+@registry.register("little", "alie")
 class LittleAttack(_FactorAttack):
     """"A Little Is Enough" (ALIE): ``μ + z·σ``, or ``μ − z·σ`` with ``negative=true``.
 
@@ -586,8 +589,6 @@ class LittleAttack(_FactorAttack):
         Aggregator evaluations of the ``optimal`` line search (default 16, as LPD).
     """
 
-    key = "little"
-
     def __init__(self, factor: Any = 1.5, negative: Any = False, evals: Any = 16) -> None:
         super().__init__(
             factor=_as_factor("factor", factor, ("zmax", "zmax-honest", "optimal")),
@@ -605,7 +606,7 @@ class LittleAttack(_FactorAttack):
         return float(factor)
 
 
-@_registry.register("empire", "ipm")
+@registry.register("empire", "ipm")
 class EmpireAttack(_FactorAttack):
     """"Fall of Empires" / inner-product manipulation (IPM): ``μ + factor·(−μ) = (1 − factor)·μ``.
 
@@ -624,8 +625,6 @@ class EmpireAttack(_FactorAttack):
         Aggregator evaluations of the ``optimal`` line search (default 16).
     """
 
-    key = "empire"
-
     def __init__(self, factor: Any = 1.1, evals: Any = 16) -> None:
         super().__init__(factor=_as_factor("factor", factor, ("optimal",)), evals=_as_int("evals", evals, low=1))
 
@@ -637,7 +636,7 @@ class EmpireAttack(_FactorAttack):
         return mu * (1.0 - coef)  # = μ + coef·(−μ), without the cancellation of μ − coef·μ
 
 
-@_registry.register("bulyan-coordinate", "bulyan")
+@registry.register("bulyan-coordinate", "bulyan")
 class BulyanCoordinateAttack(_FactorAttack):
     """Single-coordinate attack of "The Hidden Vulnerability": ``μ + factor·e_j`` (``−`` with ``negative``).
 
@@ -658,8 +657,6 @@ class BulyanCoordinateAttack(_FactorAttack):
     evals:
         Aggregator evaluations of the ``optimal`` line search (default 16).
     """
-
-    key = "bulyan-coordinate"
 
     def __init__(self, factor: Any = 1.0, coordinate: Any = -1, negative: Any = False, evals: Any = 16) -> None:
         if isinstance(coordinate, str) and coordinate.strip().lower() == "all":
@@ -686,7 +683,7 @@ class BulyanCoordinateAttack(_FactorAttack):
         return mu, direction
 
 
-@_registry.register("sign-flip", "signflip", "sign_flip")
+@registry.register("sign-flip", "signflip", "sign_flip")
 class SignFlipAttack(Attack):
     """Sign flipping: ``−scale·μ`` (ByzFL ``SignFlipping`` with ``scale = 1``; Allen-Zhu et al. 2020).
 
@@ -696,8 +693,6 @@ class SignFlipAttack(Attack):
         Multiplier of the flipped mean (default 1).
     """
 
-    key = "sign-flip"
-
     def __init__(self, scale: Any = 1.0) -> None:
         super().__init__(scale=_as_float("scale", scale))
 
@@ -705,7 +700,7 @@ class SignFlipAttack(Attack):
         return Forged(_rows(_mean(H).mul_(-self.params["scale"]), f, H.dtype), copies=True)
 
 
-@_registry.register("gaussian")
+@registry.register("gaussian")
 class GaussianAttack(Attack):
     """Gaussian attack: coordinates drawn i.i.d. from ``N(mean, std²)`` (ByzFL ``Gaussian``).
 
@@ -723,7 +718,6 @@ class GaussianAttack(Attack):
         Draw one vector and send it from every Byzantine worker.
     """
 
-    key = "gaussian"
     needs_generator = True
 
     def __init__(self, mean: Any = 0.0, std: Any = 1.0, centred: Any = False, identical: Any = False) -> None:
@@ -748,7 +742,7 @@ class GaussianAttack(Attack):
         return Forged(noise)
 
 
-@_registry.register("label-flip", "labelflip", "label_flip")
+@registry.register("label-flip", "labelflip", "label_flip")
 class LabelFlipAttack(Attack):
     """Label flipping: the Byzantine workers send honest-looking gradients of mislabelled data.
 
@@ -759,7 +753,6 @@ class LabelFlipAttack(Attack):
     of it. Whether those gradients are clipped/noised like the honest ones is the simulation's choice.
     """
 
-    key = "label-flip"
     needs_own_gradients = True
     label_map = staticmethod(flip_labels)
 
@@ -778,7 +771,7 @@ class LabelFlipAttack(Attack):
         return Forged(own.to(dtype=H.dtype, device=H.device, copy=True).contiguous())
 
 
-@_registry.register("mimic")
+@registry.register("mimic")
 class MimicAttack(Attack):
     """Mimic (Karimireddy, He and Jaggi, *Byzantine-Robust Learning on Heterogeneous Datasets via
     Bucketing*, ICLR 2022): every Byzantine worker copies one honest worker, ``byz = H[target]``.
@@ -810,8 +803,6 @@ class MimicAttack(Attack):
     warmup:
         Number of steps over which ``target=auto`` re-estimates its direction (``≥ 1``, default 1).
     """
-
-    key = "mimic"
 
     def __init__(self, target: Any = 0, warmup: Any = 1) -> None:
         if isinstance(target, str) and target.strip().lower() == "auto":

@@ -19,19 +19,18 @@ Modules:
 * :mod:`dpbr.vn.bounds` — ``k_F(n, f)`` of every rule with a bound, the smallest batch size meeting it
   (interpolated, or extrapolated with ``V(b) = A/b + D/b²``), Table-1 scalings, the η-approximated
   condition along a trajectory;
-* :mod:`dpbr.vn.command` — ``dpbr vn``: cells × checkpoints → Parquet.
+* the ``dpbr vn`` job (cells × checkpoints → Parquet) is :mod:`dpbr.jobs.vn`.
 """
 
 from dpbr.vn.bounds import eta_table, minimal_b_table, minimal_batch_size, rule_bounds, table1_batch_size
 from dpbr.vn.measure import Problem, make_problem, measure, minibatch_gradients, reference_gradient
-from dpbr.vn.stats import RatioEstimate, estimate_ratio, gram64, noise_check, pair_statistics
+from dpbr.vn.stats import RatioEstimate, estimate_ratio, noise_check, pair_statistics
 
 __all__ = [
     "Problem",
     "RatioEstimate",
     "estimate_ratio",
     "eta_table",
-    "gram64",
     "make_problem",
     "measure",
     "minibatch_gradients",

@@ -44,19 +44,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dpbr import rng
-from dpbr.errors import UsageError
-from dpbr.vn.stats import estimate_ratio, gram64, noise_check
+from dpbr import linalg, rng
+from dpbr.vn.stats import estimate_ratio, noise_check
 
 __all__ = [
     "Problem",
-    "load_checkpoint",
     "measure",
     "minibatch_gradients",
     "reference_gradient",
@@ -225,7 +222,7 @@ def measure(problem: Problem, specs: Sequence[Any], *, chunk: int = DEFAULT_CHUN
             problem.oracle.strategy = strategy(b)
         idx = sample_indices(n, K, b, rng.generator(first.seed, "vn-batch", b))
         G, raw_norms = minibatch_gradients(problem, idx, clip=first.clip, clip_mode=first.clip_mode, chunk=chunk)
-        gram = gram64(G)
+        gram = linalg.gram(G, dtype=torch.float64).cpu()
         mean = G.double().mean(0)
         seconds_gradients = time.perf_counter() - t1
         for spec in cells:
@@ -246,7 +243,7 @@ def measure(problem: Problem, specs: Sequence[Any], *, chunk: int = DEFAULT_CHUN
                 gens = [rng.generator(spec.seed, f"vn-noise-b{b}", i) for i in range(K)]
                 noised = noise_parts[0](G, generator=gens) if noise_parts else G
                 sent = mechanisms.compose(*rest)(noised, generator=gens) if rest else noised
-                gram_sent = gram64(sent)
+                gram_sent = linalg.gram(sent, dtype=torch.float64).cpu()
                 noise_emp, _, z = noise_check(G, noised, sigma) if noise_parts else (0.0, 0.0, math.nan)
                 emp = noise_check(G, sent, sigma)[0] if rest else noise_emp
             else:
@@ -312,35 +309,3 @@ def measure(problem: Problem, specs: Sequence[Any], *, chunk: int = DEFAULT_CHUN
         if progress is not None:
             progress(done + 1, len(groups), None)
     return rows
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read and verify a ``dpbr train`` checkpoint: ``{"step": int, "theta": Tensor (d,), "spec": dict, ...}``
-    (:func:`dpbr.checkpoints.load`).
-
-    Raises :class:`UsageError` (``--checkpoint``) for a missing, malformed, corrupt or old-format file.
-    """
-    from dpbr import checkpoints
-
-    return checkpoints.load(path, option="--checkpoint")
-
-
-def expand_checkpoints(items: Iterable[str]) -> list[str]:
-    """``init`` and files stay; a folder becomes its ``step=<S>.pt`` files in step order (all of one
-    run: :func:`dpbr.checkpoints.folder_files` refuses a folder mixing runs)."""
-    from dpbr import checkpoints
-
-    out: list[str] = []
-    for item in items:
-        text = item.strip()
-        if not text:
-            continue
-        if text.lower() == "init":
-            out.append("init")
-            continue
-        p = Path(text)
-        if p.is_dir():
-            out.extend(str(f) for f in checkpoints.folder_files(p, option="--checkpoint"))
-        else:
-            out.append(text)
-    return out

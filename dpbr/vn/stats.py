@@ -52,34 +52,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dpbr import linalg
+
 __all__ = [
     "RatioEstimate",
     "bootstrap_counts",
     "estimate_ratio",
-    "gram64",
     "noise_check",
     "pair_statistics",
     "ratio_from",
 ]
-
-GRAM_BLOCK = 65536
-"""Columns per block when accumulating the float64 Gram matrix (bounds the float64 copy's memory)."""
-
-
-def gram64(G: Tensor, block: int = GRAM_BLOCK) -> Tensor:
-    """The ``(K, K)`` Gram matrix ``G Gᵀ`` in float64 on the CPU, accumulated over column blocks.
-
-    Only a ``(K, block)`` float64 copy exists at a time, so memory stays ``O(K·block)`` for any ``d``.
-    """
-    if G.dim() != 2:
-        raise ValueError(f"expected a (K, d) tensor of gradient samples, got shape {tuple(G.shape)}")
-    K, d = G.shape
-    out = torch.zeros(K, K, dtype=torch.float64, device=G.device)
-    for start in range(0, d, block):
-        part = G[:, start:start + block].to(torch.float64)
-        out += part @ part.T
-    return out.cpu()
-
 
 def pair_statistics(gram: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""``(M²̂, V̂)`` of the module docstring for count vectors ``weights`` ``(B, K)`` (None = all ones).
@@ -148,7 +130,8 @@ def estimate_ratio(G: Tensor | None = None, *, gram: Tensor | None = None, noise
     Parameters
     ----------
     G, gram:
-        The ``K`` samples, or their Gram matrix (:func:`gram64`) when it is already computed.
+        The ``K`` samples, or their float64 Gram matrix on the CPU
+        (``dpbr.linalg.gram(G, dtype=torch.float64).cpu()``) when it is already computed.
     noise_variance:
         Analytic variance added to the numerator (``d·σ²`` of Gaussian privacy noise; 0 for none).
     bootstrap, confidence:
@@ -159,7 +142,7 @@ def estimate_ratio(G: Tensor | None = None, *, gram: Tensor | None = None, noise
     if gram is None:
         if G is None:
             raise ValueError("give G or gram")
-        gram = gram64(G)
+        gram = linalg.gram(G, dtype=torch.float64).cpu()
     K = gram.shape[0]
     if K < 2:
         raise ValueError(f"need at least 2 samples, got {K}")

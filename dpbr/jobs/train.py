@@ -1,6 +1,6 @@
 """``dpbr train``: run one cell and write its Parquet file (one row per step).
 
-This module joins the pieces — data, simulation, accounting, output — for one :class:`RunSpec`; the
+This job joins the pieces — data, simulation, accounting, output — for one :class:`RunSpec`; the
 command line only parses options into a spec and calls :func:`train`.
 """
 
@@ -8,47 +8,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dpbr.errors import UsageError
-from dpbr.io import check_writable, run_metadata, write_parquet
+from dpbr.io import check_writable, write_parquet
+from dpbr.jobs import checkpoints
+from dpbr.jobs.common import (check_choice, check_positive, load_dataset, resolve_device, run_metadata,
+                              seed_everything, torch_threads)
 from dpbr.simulation import PHASES, STEP_COLUMNS, RunResult, Simulation
 from dpbr.spec import RunSpec
 
-__all__ = ["resolve_device", "seed_everything", "train", "records_frame", "composed_epsilon"]
+__all__ = ["train", "records_frame", "composed_epsilon"]
 
-
-def resolve_device(text: str) -> torch.device:
-    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:i``; unavailable → UsageError."""
-    t = str(text).strip().lower()
-    if t == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if t == "cpu":
-        return torch.device("cpu")
-    if t == "cuda" or t.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device", f"{text!r} is unavailable (no CUDA device here); allowed: auto, cpu")
-        dev = torch.device(t)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError("--device", f"{text!r} is unavailable; allowed: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-        return dev
-    raise UsageError("--device", f"unknown device {text!r}; allowed: auto, cpu, cuda, cuda:<i>")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy and torch (belt and braces: dpbr draws from its own generators)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+#: Values of ``--grad-strategy`` (``auto``: :func:`dpbr.simulation.choose_strategy`).
+STRATEGIES = ("auto", "closed-form", "loop", "vmap")
 
 
 def composed_epsilon(spec: RunSpec, sample_size: int, steps: int) -> tuple[float, float]:
@@ -109,17 +87,15 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
     """Run the cell ``spec`` and write ``out`` (Parquet) atomically; returns the path.
 
     Everything a user can get wrong (device, data, batch size larger than the data, unwritable
-    output) is checked before the first step and raised as :class:`UsageError`.
+    output) is checked before the first step and raised as :class:`UsageError`. ``threads`` torch
+    CPU threads are used during the run; the caller's count is restored afterwards.
 
     With ``checkpoint_steps``, θ at those steps goes to ``checkpoint_dir`` (default ``out`` with the
-    suffix ``.ckpt``) in the format of :mod:`dpbr.checkpoints`: written into a temporary folder and
-    swapped in whole when the run ends, so the folder holds this run's checkpoints only; the run id
-    is recorded in ``out``'s metadata as ``checkpoint_run_id``. The metadata also holds
+    suffix ``.ckpt``) in the format of :mod:`dpbr.jobs.checkpoints`: written into a temporary folder
+    and swapped in whole when the run ends, so the folder holds this run's checkpoints only; the run
+    id is recorded in ``out``'s metadata as ``checkpoint_run_id``. The metadata also holds
     ``honest_class_counts``: per honest worker, its number of training examples of each class.
     """
-    from dpbr import checkpoints
-    from dpbr import data as data_mod
-
     dev = resolve_device(device)
     out = check_writable(out, "--out")
     ckpt_dir: Path | None = None
@@ -131,34 +107,27 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
         if ckpt_dir.resolve() == out.resolve():
             raise UsageError("--checkpoint-dir", f"{str(ckpt_dir)!r} must differ from --out")
         checkpoints.check_destination(ckpt_dir, "--checkpoint-dir")
-    if threads is not None:
-        if threads < 1:
-            raise UsageError("--threads", f"must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    if strategy not in ("auto", "closed-form", "loop", "vmap"):
-        raise UsageError("--grad-strategy", f"unknown strategy {strategy!r}; allowed: auto, closed-form, loop, vmap")
-    if chunk < 1:
-        raise UsageError("--chunk", f"must be >= 1, got {chunk}")
-    seed_everything(spec.seed)
-    dataset = data_mod.load(spec.dataset, Path(data_dir), device=dev)
-    n_train = int(dataset.y_train.shape[0])
-    if spec.batch_size > n_train:
-        raise UsageError("--batch-size", f"{spec.batch_size} exceeds the {n_train} training examples of {spec.dataset}")
-    sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
+    check_positive(threads, "--threads")
+    check_choice(strategy, STRATEGIES, "--grad-strategy")
+    check_positive(chunk, "--chunk")
+    with torch_threads(threads) as used_threads:
+        seed_everything(spec.seed)
+        dataset = load_dataset(spec.dataset, data_dir, dev, batch_size=spec.batch_size)
+        sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
 
-    writer = checkpoints.CheckpointWriter(ckpt_dir, spec=spec.to_dict()) if ckpt_dir is not None else None
-    with contextlib.ExitStack() as stack:
-        if writer is not None:
-            stack.enter_context(writer)  # an exception discards the temporary folder
-        started = time.perf_counter()
-        result = sim.run(
-            progress=(lambda s, acc: progress(s, spec.steps, acc)) if progress else None,
-            checkpoint=writer.save if writer is not None else None,
-            checkpoint_steps=frozenset(checkpoint_steps),
-        )
-        wall = time.perf_counter() - started
-        if writer is not None:
-            writer.commit()
+        writer = checkpoints.CheckpointWriter(ckpt_dir, spec=spec.to_dict()) if ckpt_dir is not None else None
+        with contextlib.ExitStack() as stack:
+            if writer is not None:
+                stack.enter_context(writer)  # an exception discards the temporary folder
+            started = time.perf_counter()
+            result = sim.run(
+                progress=(lambda s, acc: progress(s, spec.steps, acc)) if progress else None,
+                checkpoint=writer.save if writer is not None else None,
+                checkpoint_steps=frozenset(checkpoint_steps),
+            )
+            wall = time.perf_counter() - started
+            if writer is not None:
+                writer.commit()
     smallest_share = int(sim.honest_class_counts.sum(dim=1).min())  # IID: the whole training set
     eps, order = composed_epsilon(spec, smallest_share, result.steps_done)
     extra = {
@@ -169,10 +138,8 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
     }
     frame = records_frame(spec, result, extra)
     meta = run_metadata(
-        spec, dev, status=result.status, diverged_at=result.diverged_at, wall_seconds=wall,
-        gradient_strategy=sim.strategy, dataset_source=getattr(dataset, "source", None),
-        dataset_checksum=getattr(dataset, "checksum", None), rdp_order=order, threads=torch.get_num_threads(),
-        argv=" ".join(sys.argv), host=os.uname().nodename,
+        spec, dev, dataset, threads=used_threads, status=result.status, diverged_at=result.diverged_at,
+        wall_seconds=wall, gradient_strategy=sim.strategy, rdp_order=order,
         honest_class_counts=sim.honest_class_counts.tolist(),
         checkpoint_run_id=writer.run_id if writer is not None else None,
     )

@@ -16,18 +16,19 @@ Two ways to the same numbers:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from dpbr.robust._geometry import GRAM_BLOCK
-from dpbr.robust._geometry import gram as geo_gram
+from dpbr.linalg import GRAM_BLOCK, compute_view
+from dpbr.linalg import gram as geo_gram
 
 __all__ = ["STEP_COLUMNS", "IDENTITY_MIN_ENTRIES", "IDENTITY_MIN_SHARE", "GRAM_MIN_SHARE", "window_metrics",
-           "gram_step_metrics", "distinct_gram"]
+           "gram_step_metrics", "distinct_gram", "copies_gram"]
 
-#: Per-step metric columns, in the order they are recorded (see :meth:`dpbr.simulation.Simulation.run`).
+#: Per-step metric columns, in the order they are recorded (see :meth:`dpbr.simulation.engine.Simulation.run`).
 STEP_COLUMNS: tuple[str, ...] = (
     "train_loss",            # mean over honest workers of their mini-batch loss
     "honest_norm",           # ‖ḡ‖, ḡ = mean of the honest gradients as sent (after privacy)
@@ -110,13 +111,13 @@ def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tens
 
     Formulas: norms and cosines of ``ḡ``, ``GAR``, the Byzantine mean, ``θ − θ₀`` and ``ḡ_clean`` come
     from the ``m × m`` Gram matrix of ``vectors`` of each step (one batched matmul; for one step of a
-    large model the column-blocked :func:`dpbr.robust._geometry.gram`);
+    large model the column-blocked :func:`dpbr.linalg.gram`);
     ``deviation = sqrt(Σ_i ‖g_i − ḡ‖² / (h − 1))`` from the centred rows (no cancellation; NaN for
     ``h < 2``); ``vn_ratio = deviation / ‖ḡ‖``; ``cos(a, b) = ⟨a, b⟩ / (‖a‖‖b‖)``;
     ``byzantine_selected`` = fraction of the Byzantine rows (``h..n−1``) selected.
 
     Precision: float32 sums over long vectors are taken in blocks of
-    :data:`dpbr.robust._geometry.GRAM_BLOCK` and the blocks added in float64. A single float32
+    :data:`dpbr.linalg.GRAM_BLOCK` and the blocks added in float64. A single float32
     ``vector_norm`` or ``mm`` over ``6 × 431,080`` numbers is off by about 1e-4 (relative); blocked,
     about 1e-7. On the CPU, for large inputs (``≥`` :data:`IDENTITY_MIN_ENTRIES` numbers), the
     deviation is taken from ``Σ‖g_i‖² − h‖ḡ‖²`` when that difference is at least
@@ -155,7 +156,7 @@ def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tens
 
 def distinct_gram(G: Tensor, h: int) -> Tensor:
     """The float64 Gram matrix of rows ``0 … h`` of ``G`` — the ``h`` honest rows and the one vector
-    an attack that sends copies repeats in rows ``h … n − 1`` (:func:`dpbr.robust._geometry.gram` with
+    an attack that sends copies repeats in rows ``h … n − 1`` (:func:`dpbr.linalg.gram` with
     ``sum_dtype=torch.float64``: float32 products of column blocks, added in float64; relative error
     about 1e-7 of ``‖g_i‖‖g_j‖``)."""
     return geo_gram(G[: h + 1], sum_dtype=torch.float64)
@@ -225,3 +226,28 @@ def gram_step_metrics(losses: Tensor, K: Tensor, selected: Tensor, clean: Tensor
     loss = float(losses.double().mean())
     return torch.tensor([[loss, norm_sent, dev_sent, dev_sent / norm_sent, norm_clean, dev_clean, norm_agg,
                           cos_h, cos_a, distance, sum(sel[h:]) / (n - h)]], dtype=torch.float64)
+
+
+def copies_gram(G: Tensor, h: int) -> tuple[Tensor, Tensor]:
+    """``G Gᵀ`` of an ``(n, d)`` stack whose rows ``h, …, n − 1`` are copies of row ``h``, from its
+    first ``h + 1`` rows: ``(K, K_distinct)`` — ``K`` the ``n × n`` matrix for the rule (in ``G``'s
+    compute precision, float32 for float32 rows), ``K_distinct`` the float64 ``(h + 1) × (h + 1)``
+    Gram matrix of the distinct rows (:func:`distinct_gram`), from which the step's
+    metrics follow (:func:`gram_step_metrics`).
+
+    ``(h + 1)²`` instead of ``n²`` products of ``d``-vectors: 7² against 11² for the study's
+    ``n = 11, f = 5`` (the one costly operation of MDA at d = 431,080). Entries between copies are
+    those of row ``h`` with itself, so distances between copies are exactly 0.
+    """
+    n = G.shape[0]
+    X = compute_view(G)
+    K64 = distinct_gram(X, h)
+    idx = _copies_index(n, h, K64.device)
+    return K64.to(X.dtype).index_select(0, idx).index_select(1, idx), K64
+
+
+@functools.lru_cache(maxsize=16)
+def _copies_index(n: int, h: int, device: torch.device) -> Tensor:
+    """``[0, 1, …, h − 1, h, h, …, h]`` (``n`` entries): row ``i`` of the stack is row ``idx[i]`` of
+    its first ``h + 1`` rows (a constant, cached per device)."""
+    return torch.tensor([*range(h), *([h] * (n - h))], dtype=torch.long, device=device)

@@ -1,4 +1,4 @@
-"""``dpbr reconstruct``: one gradient-inversion job — attack one batch, score it, write Parquet + PNG.
+"""One gradient-inversion case: the attacked model, the batch, the shared gradient, the attack, its score.
 
 The threat model follows ``breaching``'s user / server split: the *user* (an honest worker) holds
 ``B`` training images, computes the mean-loss gradient of the model on them (in training mode) and
@@ -6,35 +6,32 @@ applies the defence to it (:mod:`dpbr.privacy.mechanisms` on the flattened gradi
 *attacker* (the server) sees only the model and that shared gradient, and runs the attack
 (:mod:`dpbr.inversion.attacks`). Only the scoring looks at the originals.
 
-Steps of :func:`reconstruct`
-----------------------------
-1. Check everything a user can get wrong (device, output paths, checkpoint) before any work.
-2. Load the dataset; build the model as ``dpbr train`` would (``models.build(..., mean, std,
-   seed=derive_seed(seed, "model"))``) or rebuild it from a checkpoint (``theta`` loaded into it).
+Steps
+-----
+1. :func:`build_model`: the model as ``dpbr train`` builds it (``models.build(..., mean, std,
+   seed=derive_seed(seed, "model"))``), or with a checkpoint's ``theta`` loaded into it.
    Batch-norm layers, if any, use batch statistics and keep no running statistics
    (``torch.func.replace_all_batch_norm_modules_``), as a worker computing a training gradient.
-3. Draw ``B`` distinct training images (generator ``(seed, "inversion-images")``), compute the shared
-   gradient, apply the defence (generator ``(seed, "inversion-defence")``).
-4. Labels: ``soft`` (DLG optimises them), ``infer`` (iDLG rule on the shared gradient's last layer) or
-   ``known``. Dummy variables ``~ N(0, 1)`` (generator ``(seed, "inversion-init")``), one per restart.
-5. Run the attack; score every restart by its final matching distance (without the TV term) and keep
-   the best finite one (IG's choice rule; the attacker cannot see the MSE).
-6. Clip the reconstruction to ``[0, 1]``, match it to the originals (Hungarian on MSE), compute MSE,
-   PSNR, SSIM (standard Gaussian-window SSIM, :mod:`dpbr.inversion.metrics`), label correctness and
-   success flags; write one Parquet row per image and the PNG grid, both atomically.
+2. :func:`prepare`: draw ``B`` distinct training images (generator ``(seed, "inversion-images")``),
+   compute the shared gradient, apply the defence (generator ``(seed, "inversion-defence")``).
+   Labels: ``soft`` (DLG optimises them), ``infer`` (iDLG rule on the shared gradient's last layer)
+   or ``known``. Dummy variables ``~ N(0, 1)`` (generator ``(seed, "inversion-init")``), one per
+   restart.
+3. :meth:`Case.run`: run the attack.
+4. :func:`result_frame`: score every restart by its final matching distance (without the TV term)
+   and keep the best finite one (IG's choice rule; the attacker cannot see the MSE); clip the
+   reconstruction to ``[0, 1]``, match it to the originals (Hungarian on MSE), compute MSE, PSNR,
+   SSIM (standard Gaussian-window SSIM, :mod:`dpbr.inversion.metrics`), label correctness and
+   success flags, one row per image.
 
-If every restart's objective became non-finite, the job is recorded with ``status = "diverged"``
-(metrics NaN, success false) rather than failing.
+If every restart's objective became non-finite, the case is scored with ``status = "diverged"``
+(metrics NaN, success false) rather than failing. Checking a job's options, loading a checkpoint
+file and writing the Parquet file and PNG grid is :mod:`dpbr.jobs.reconstruct`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import sys
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -45,51 +42,17 @@ from torch import Tensor, nn
 from dpbr.errors import UsageError
 from dpbr.inversion import metrics
 from dpbr.inversion.attacks import AttackResult, inverting_gradients, lbfgs_attack
-from dpbr.inversion.grid import save_grid
 from dpbr.inversion.lbfgs import LBFGSSettings
 from dpbr.inversion.objective import GradientMatching, infer_labels, last_layer_weight
-from dpbr.io import check_writable, run_metadata, write_parquet
 from dpbr.spec import ReconSpec
 
-__all__ = ["Job", "auto_threads", "build_model", "load_checkpoint", "prepare", "reconstruct", "result_frame", "shared_gradient", "use_mkldnn"]
+__all__ = ["Case", "build_model", "prepare", "result_frame", "shared_gradient", "use_mkldnn"]
 
 Progress = Callable[[int, int], None]
 
 
 # ----------------------------------------------------------------------------------------------- #
 # Model state
-
-
-def load_checkpoint(path: str | Path, spec: ReconSpec) -> dict[str, Any]:
-    """Read and verify a ``dpbr train`` checkpoint (:func:`dpbr.checkpoints.load`) and check it fits ``spec``.
-
-    Raises
-    ------
-    UsageError
-        ``--state``: missing, unreadable, corrupt (checksum mismatch) or old-format file, wrong
-        content, or a checkpoint of another model/dataset than ``spec``'s.
-    """
-    from dpbr import checkpoints
-
-    p = Path(path)
-    ckpt = checkpoints.load(p, option="--state",
-                            missing=f"checkpoint {str(p)!r} not found; give 'initial' or a file written by "
-                                    "'dpbr train --checkpoint-steps' (…/step=S.pt)")
-    from dpbr import data
-    from dpbr.registry import canonical
-
-    cs = ckpt["spec"]
-    try:
-        c_model = canonical(str(cs.get("model")), option="--state")
-        c_data = data.canonical_name(str(cs.get("dataset")))
-    except UsageError:
-        raise UsageError("--state", f"{str(p)!r} names an unknown model or dataset") from None
-    if c_model != spec.model or c_data != spec.dataset:
-        raise UsageError("--state", f"checkpoint is for model {c_model} on {c_data}, not {spec.model} on {spec.dataset}; "
-                                    "pass the same --model and --dataset")
-    if "seed" not in cs:
-        raise UsageError("--state", f"{str(p)!r} has no training seed in its spec")
-    return ckpt
 
 
 def build_model(spec: ReconSpec, dataset: Any, device: torch.device, checkpoint: dict[str, Any] | None) -> nn.Module:
@@ -144,11 +107,11 @@ def shared_gradient(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor], 
 
 
 # ----------------------------------------------------------------------------------------------- #
-# The job
+# The case: prepared, attacked, scored
 
 
-class Job:
-    """Everything one reconstruction job needs, prepared by :func:`prepare` (no attack run yet)."""
+class Case:
+    """Everything one reconstruction needs, prepared by :func:`prepare` (no attack run yet)."""
 
     def __init__(self, spec: ReconSpec, model: nn.Module, objective: GradientMatching, x: Tensor, y: Tensor,
                  indices: Tensor, z0: Tensor, clean: list[Tensor], shared: list[Tensor], inferred: Tensor | None,
@@ -159,7 +122,7 @@ class Job:
         self.device, self.info = device, info
 
     def run(self, progress: Progress | None = None) -> AttackResult:
-        """Run the attack of the spec on this job."""
+        """Run the attack of the spec on this case."""
         s = self.spec
         if s.attack in ("dlg", "idlg"):
             return lbfgs_attack(self.objective, self.z0, steps=s.iterations, settings=LBFGSSettings(lr=s.lr),
@@ -168,7 +131,7 @@ class Job:
 
 
 def prepare(spec: ReconSpec, *, dataset: Any, device: torch.device, checkpoint: dict[str, Any] | None = None,
-            strategy: str = "auto") -> Job:
+            strategy: str = "auto") -> Case:
     """Build the model, draw the batch, compute the shared gradient and the attacker's objective."""
     from dpbr import models, rng
 
@@ -206,20 +169,16 @@ def prepare(spec: ReconSpec, *, dataset: Any, device: torch.device, checkpoint: 
         "grad_norm": float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in clean]))),
         "shared_grad_norm": float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in shared]))),
     }
-    return Job(spec, model, objective, x, y, indices, z0, clean, shared, inferred, device, info)
+    return Case(spec, model, objective, x, y, indices, z0, clean, shared, inferred, device, info)
 
 
-def _thresholds_columns(prefix: str, values: np.ndarray) -> dict[str, Any]:
-    return {f"{prefix}_{metrics.threshold_label(t)}": v for t, v in zip(metrics.THRESHOLDS, values)}
-
-
-def result_frame(job: Job, result: AttackResult) -> tuple[pd.DataFrame, Tensor, Tensor, dict[str, Any]]:
+def result_frame(case: Case, result: AttackResult) -> tuple[pd.DataFrame, Tensor, Tensor, dict[str, Any]]:
     """Score ``result``: ``(frame, originals, matched reconstructions, summary)``.
 
     One row per original image (in batch order) with its matched reconstruction's metrics; the
-    job-level facts (status, chosen restart, distance, counts, rates) repeat on every row.
+    case-level facts (status, chosen restart, distance, counts, rates) repeat on every row.
     """
-    spec, obj = job.spec, job.objective
+    spec, obj = case.spec, case.objective
     B = spec.batch_size
     distances = obj.distance_only(result.z)
     valid = ~result.failed & torch.isfinite(distances)
@@ -228,7 +187,7 @@ def result_frame(job: Job, result: AttackResult) -> tuple[pd.DataFrame, Tensor, 
         chosen = int(torch.argmin(torch.where(valid, distances, torch.full_like(distances, math.inf))))
     else:
         chosen = -1
-    originals = job.x.detach()
+    originals = case.x.detach()
     if chosen >= 0:
         z = result.z[chosen]
         rec = obj.images(z.unsqueeze(0))[0].clamp(0.0, 1.0)
@@ -254,10 +213,10 @@ def result_frame(job: Job, result: AttackResult) -> tuple[pd.DataFrame, Tensor, 
         pred_m = np.full(B, -1, dtype=np.int64)
         distance = objective_value = float("nan")
         counts = {k: int(getattr(result, k).max()) for k in ("iterations", "updates", "evaluations")}
-    y = job.y.cpu().numpy()
+    y = case.y.cpu().numpy()
     frame = pd.DataFrame({
         "image": np.arange(B, dtype=np.int64),
-        "index": job.indices.cpu().numpy().astype(np.int64),
+        "index": case.indices.cpu().numpy().astype(np.int64),
         "label": y.astype(np.int64),
         "label_pred": pred_m.astype(np.int64),
         "label_correct": pred_m == y,
@@ -282,19 +241,13 @@ def result_frame(job: Job, result: AttackResult) -> tuple[pd.DataFrame, Tensor, 
         "seconds": float(result.seconds),
         **rates,
         "label_accuracy": float(frame["label_correct"].mean()),
-        **job.info,
+        **case.info,
     }
     for key, value in summary.items():
         frame[key] = value
     for key, value in spec.columns().items():
         frame[key] = value if value is not None else "none"
     return frame, originals, rec_m, summary
-
-
-def _base_model(model: str) -> str:
-    from dpbr.spec import _base
-
-    return _base(model, "--model")
 
 
 def use_mkldnn(spec: ReconSpec, input_shape: Any, device: torch.device) -> bool | None:
@@ -311,64 +264,3 @@ def use_mkldnn(spec: ReconSpec, input_shape: Any, device: torch.device) -> bool 
     pixels = spec.batch_size * math.prod(int(s) for s in input_shape)
     small = _base(spec.model, "--model") in ("lenet", "cnn") and pixels <= 4096
     return False if small else True
-
-
-def auto_threads(spec: ReconSpec, dim: int) -> int | None:
-    """Torch CPU threads for a job when none is given: 1 for small problems (one thread avoids the
-    synchronisation cost of tiny kernels; measured faster for LeNet on MNIST), else torch's default."""
-    work = dim * spec.batch_size * spec.restarts
-    return 1 if work <= 2_000_000 else None
-
-
-def reconstruct(spec: ReconSpec, *, out: str | Path, png: str | Path | None = None, data_dir: str | Path = "data",
-                device: str = "auto", threads: int | None = None, strategy: str = "auto",
-                progress: Progress | None = None) -> tuple[Path, Path]:
-    """Run the job ``spec`` and write ``out`` (Parquet) and ``png`` (default: ``out`` with ``.png``).
-
-    Everything a user can get wrong (device, output paths, threads, checkpoint, data) is checked
-    before the attack starts and raised as :class:`UsageError`; nothing is written then.
-    """
-    from dpbr import data as data_mod
-    from dpbr.train import resolve_device
-
-    dev = resolve_device(device)
-    out = check_writable(out, "--out")
-    png_path = check_writable(png if png is not None else Path(out).with_suffix(".png"), "--png")
-    if png_path.resolve() == out.resolve():
-        raise UsageError("--png", "must differ from --out")
-    if threads is not None and threads < 1:
-        raise UsageError("--threads", f"must be >= 1, got {threads}")
-    if strategy not in ("auto", "analytic", "loop", "vmap"):
-        raise UsageError("--strategy", f"unknown strategy {strategy!r}; allowed: auto, analytic, loop, vmap")
-    if strategy == "analytic" and _base_model(spec.model) != "lenet":
-        raise UsageError("--strategy", f"'analytic' is implemented for lenet only, not {spec.model}; "
-                                       "use auto, loop or vmap")
-    checkpoint = load_checkpoint(spec.checkpoint, spec) if spec.checkpoint is not None else None
-    dataset = data_mod.load(spec.dataset, Path(data_dir), device=dev)
-    previous_threads = torch.get_num_threads()
-    try:
-        job = prepare(spec, dataset=dataset, device=dev, checkpoint=checkpoint, strategy=strategy)
-        n_threads = threads if threads is not None else (auto_threads(spec, job.info["dim"]) if dev.type == "cpu" else None)
-        if n_threads is not None:
-            torch.set_num_threads(n_threads)
-        started = time.perf_counter()
-        result = job.run(progress)
-        frame, originals, rec, summary = result_frame(job, result)
-        wall = time.perf_counter() - started
-        used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
-    meta = run_metadata(
-        spec, dev, status=summary["status"], wall_seconds=wall, threads=used_threads, strategy=strategy,
-        evaluation=job.objective.evaluation(spec.restarts),
-        dataset_source=getattr(dataset, "source", None), dataset_checksum=getattr(dataset, "checksum", None),
-        checkpoint=None if checkpoint is None else {"path": str(spec.checkpoint), "step": checkpoint.get("step"),
-                                                      "train_spec": checkpoint["spec"]},
-        images=job.indices.cpu().tolist(), inferred_labels=None if job.inferred is None else job.inferred.cpu().tolist(),
-        lbfgs=None if spec.attack == "ig" else dataclasses.asdict(LBFGSSettings(lr=spec.lr)),
-        ssim="standard Gaussian-window SSIM (Wang et al. 2004; 11x11, sigma 1.5, K1 0.01, K2 0.03, L 1)",
-        png=str(png_path), argv=" ".join(sys.argv), host=os.uname().nodename,
-    )
-    save_grid(originals, rec, png_path)
-    write_parquet(frame, out, meta)
-    return out, png_path

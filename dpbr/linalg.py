@@ -1,10 +1,14 @@
-"""Shared geometry of the aggregation rules: one Gram matrix, pairwise distances, masked combinations.
+"""Gram matrices, pairwise distances and sorted columns of stacked ``(n, d)`` vectors.
 
-Every distance-based rule (Krum, Multi-Krum, MDA, Bulyan, geometric median, centered clipping, NNM)
-starts from the Gram matrix ``K = X Xᵀ`` of its ``n`` inputs, computed once by :func:`gram`; all
-pairwise squared distances follow from it (:func:`sqdist`) in ``O(n²)`` extra work, and iterative
-rules (Weiszfeld, centered clipping) run in the ``n``-dimensional coefficient space of ``K`` so that
-the ``d``-dimensional data is read only twice (Gram, final combination).
+One home for the linear algebra that the aggregation rules (:mod:`dpbr.robust.aggregators`), the
+per-step metrics (:mod:`dpbr.simulation.metrics`) and the variance-to-norm estimator (:mod:`dpbr.vn.stats`)
+share. Every distance-based rule (Krum, Multi-Krum, MDA, Bulyan, geometric median, centered
+clipping, NNM) starts from the Gram matrix ``K = X Xᵀ`` of its ``n`` inputs, computed once by
+:func:`gram`; all pairwise squared distances follow from it (:func:`sqdist`) in ``O(n²)`` extra work,
+and iterative rules (Weiszfeld, centered clipping) run in the ``n``-dimensional coefficient space of
+``K`` so that the ``d``-dimensional data is read only twice (Gram, final combination). The
+coordinate-wise rules sort columns with :func:`sorted_rows` and average around a center with
+:func:`mean_closest`.
 
 Non-finite rows. A row holding a NaN or ±inf makes its own row and column of ``K`` non-finite and
 nothing else (every entry of ``K`` is the dot product of its two rows). Its squared norm ``K_ii`` is
@@ -19,20 +23,18 @@ overflow squared norms of ordinary gradients); float32 and float64 stay as they 
 is accumulated over column blocks of :data:`GRAM_BLOCK` (a batched matmul whose partial products are
 summed): on a 2-core CPU this is 2–3× faster than one ``X @ X.T`` for ``n = 11`` and, because each
 block's sum is short, about 10⁴ times more accurate in float32 at ``d = 10⁷`` (max abs error 1.2 vs
-2·10⁴ on squared norms ≈ 10⁷ for MKL's single GEMM). Distances from a Gram matrix still cancel when
-the vectors are far from the origin relative to their spread: the relative error of ``D²_ij`` is about
-``ε·(‖x_i‖² + ‖x_j‖²)/D²_ij`` (``ε = 6e-8`` in float32).
+2·10⁴ on squared norms ≈ 10⁷ for MKL's single GEMM). ``gram(X, sum_dtype=torch.float64)`` adds the
+float32 block products in float64; ``gram(X, dtype=torch.float64)`` takes the products themselves in
+float64 (the VN estimator, whose U-statistics cancel), casting one block at a time. Distances from a
+Gram matrix still cancel when the vectors are far from the origin relative to their spread: the
+relative error of ``D²_ij`` is about ``ε·(‖x_i‖² + ‖x_j‖²)/D²_ij`` (``ε = 6e-8`` in float32).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
-
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from dpbr._lazy import LazyModule
 
@@ -50,7 +52,6 @@ __all__ = [
     "constant",
     "coordinate_median",
     "gram",
-    "mda_tables",
     "mean_closest",
     "mean_rows",
     "median_of_sorted",
@@ -60,11 +61,11 @@ __all__ = [
     "sum_rows",
     "sqdist",
     "squared_distances",
-    "subset_pairs",
 ]
 
 GRAM_BLOCK = 4096
-"""Columns per block of the blocked Gram product (see the module docstring)."""
+"""Columns per block of the blocked Gram product :func:`gram` (see the module docstring) and of the
+blocked float32 norms of :mod:`dpbr.simulation.metrics`."""
 
 
 def compute_view(X: Tensor) -> Tensor:
@@ -72,17 +73,44 @@ def compute_view(X: Tensor) -> Tensor:
     return X if X.dtype in (torch.float32, torch.float64) else X.float()
 
 
-def gram(X: Tensor, *, sum_dtype: torch.dtype | None = None) -> Tensor:
-    """The Gram matrix ``X Xᵀ`` (``n × n``), accumulated over column blocks of :data:`GRAM_BLOCK`.
+def gram(X: Tensor, *, dtype: torch.dtype | None = None, sum_dtype: torch.dtype | None = None) -> Tensor:
+    """The Gram matrix ``K = X Xᵀ`` (``n × n``, ``K_ij = ⟨x_i, x_j⟩``), accumulated over column blocks of
+    :data:`GRAM_BLOCK`.
 
-    ``X`` must be float32 or float64 (use :func:`compute_view`). The columns are split into
-    ``⌊d / GRAM_BLOCK⌋`` blocks multiplied as one batched matmul and summed, plus one product for the
-    remainder; no copy of ``X`` is made when it is contiguous. The block products are taken in
-    ``X``'s precision and added in ``sum_dtype`` (default: ``X``'s). With ``sum_dtype=torch.float64``
-    each entry of a float32 ``X`` is within about 1e-7 of ``‖x_i‖‖x_j‖`` (a float32 sum over the blocks
-    adds their rounding, about 1e-6 at ``d = 431,080``), at the same cost.
+    Parameters
+    ----------
+    X:
+        ``(n, d)`` tensor on any device; not modified.
+    dtype:
+        Precision of the block products. ``None`` (default): ``X``'s, which must then be float32 or
+        float64 (use :func:`compute_view`); the columns are split into ``⌊d / GRAM_BLOCK⌋`` blocks
+        multiplied as one batched matmul and summed, plus one product for the remainder, and no copy
+        of ``X`` is made when it is contiguous. Another dtype (e.g. ``torch.float64`` for float32
+        gradients) casts one ``(n, GRAM_BLOCK)`` block at a time and adds its product into the result,
+        so memory stays ``O(n · GRAM_BLOCK)`` for any ``d``.
+    sum_dtype:
+        Precision in which the block products are added (default: the products'). With
+        ``sum_dtype=torch.float64`` each entry of a float32 ``X`` is within about 1e-7 of
+        ``‖x_i‖‖x_j‖`` (a float32 sum over the blocks adds their rounding, about 1e-6 at
+        ``d = 431,080``), at the same cost.
+
+    Returns
+    -------
+    Tensor[n, n]
+        On ``X``'s device, of dtype ``sum_dtype`` (or the products' dtype).
     """
+    if X.dim() != 2:
+        raise ValueError(f"gram: expected an (n, d) tensor, got shape {tuple(X.shape)}")
     n, d = X.shape
+    if dtype is not None and dtype != X.dtype:
+        K = torch.zeros(n, n, dtype=sum_dtype or dtype, device=X.device)
+        for start in range(0, d, GRAM_BLOCK):  # a loop over column blocks, not over coordinates
+            part = X[:, start:start + GRAM_BLOCK].to(dtype)
+            if K.dtype == dtype:
+                K.addmm_(part, part.T)
+            else:
+                K += (part @ part.T).to(K.dtype)
+        return K
     main = d - d % GRAM_BLOCK
     if main == 0:
         K = X @ X.T
@@ -317,40 +345,3 @@ def mean_closest(S: list[Tensor], center: Tensor, k: int) -> Tensor:
         torch.where(ok, sum_rows(S[s:s + k], out=window), total, out=total)
         open_.logical_xor_(ok)
     return total.div_(k)
-
-
-def subset_pairs(n: int, r: int) -> int:
-    """Number of entries ``C(n, r) · P`` of the MDA subset × pair table, ``P = r(r−1)/2`` (1 if ``r = 1``)."""
-    pairs = r * (r - 1) // 2 if r > 1 else 1
-    return math.comb(n, r) * pairs
-
-
-@functools.lru_cache(maxsize=16)
-def _mda_tables_cpu(n: int, f: int) -> tuple[Tensor, Tensor]:
-    r = n - f
-    members = np.fromiter(
-        itertools.chain.from_iterable(itertools.combinations(range(n), r)),
-        dtype=np.int64,
-        count=math.comb(n, r) * r,
-    ).reshape(-1, r)
-    members_t = torch.from_numpy(members)
-    a, b = torch.triu_indices(r, r, offset=1 if r > 1 else 0)
-    flat = (members_t[:, a] * n + members_t[:, b]).T.contiguous().to(torch.int32)
-    return members_t, flat
-
-
-@functools.lru_cache(maxsize=16)
-def mda_tables(n: int, f: int, device: str) -> tuple[Tensor, Tensor]:
-    """Constant index tables of the MDA subset search: the ``C(n, f)`` subsets of ``r = n − f`` rows.
-
-    Returns ``(members, pairs)``: ``members[c]`` (int64, ``C(n, f) × r``) lists the rows of subset
-    ``c`` in ``itertools.combinations(range(n), r)`` order; ``pairs[:, c]`` (int32, ``P × C(n, f)``,
-    pair-major) the flat indices ``i·n + j`` (``i < j``) of its ``P = r(r−1)/2`` pairs in the
-    ``n × n`` distance matrix (for ``r = 1`` the single "pair" ``(i, i)``, whose entry is 0 for a
-    finite row and inf otherwise). Pair-major so that the per-subset maximum and sum reduce over
-    the leading dimension — contiguous, vectorised rows; 3× faster than over a short trailing one.
-    Cached per ``(n, f, device)`` (module-level ``lru_cache``): constants, not state of any rule.
-    """
-    members, flat = _mda_tables_cpu(n, f)
-    dev = torch.device(device)
-    return members.to(dev), flat.to(dev)
