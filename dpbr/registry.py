@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
+from dpbr.validate import param_value
+
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -128,28 +130,11 @@ def _parse_terms(spec: str, option: str) -> tuple[tuple[str, tuple[tuple[str, An
                 key = key.strip().replace("-", "_")
                 if not key.isidentifier():
                     raise UsageError(option, f"bad parameter name {key!r} in {name!r}")
-                params[key] = _checked_number(parse_value(value), key, name, option)
+                if key in params:
+                    raise UsageError(option, f"parameter {key!r} of {name!r} given twice")
+                params[key] = param_value(parse_value(value), key, name, option)
         terms.append((name, params))
     return tuple((name, tuple(params.items())) for name, params in terms)
-
-
-#: Largest finite float32 and int64: parameters end up in float32 tensor operations and int64 columns.
-_FLOAT32_MAX = 3.4028234663852886e38
-_INT64_MAX = 2**63 - 1
-
-
-def _checked_number(value: Any, key: str, name: str, option: str) -> Any:
-    """``value`` unchanged unless it is a number no component can use: NaN, ±inf, a float beyond the
-    float32 range (``1e39``) or an integer beyond int64; those raise a UsageError naming ``option``."""
-    from dpbr.errors import UsageError
-
-    if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
-        raise UsageError(option, f"parameter {key} of {name!r} must be a finite number of magnitude at most "
-                                 f"{_FLOAT32_MAX:.4g} (float32), got {value!r}")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64_MAX:
-        raise UsageError(option, f"parameter {key} of {name!r} must be an integer of magnitude at most 2^63 - 1, "
-                                 f"got {value}")
-    return value
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:

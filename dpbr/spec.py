@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from dpbr import validate
 from dpbr.errors import UsageError
+from dpbr.privacy.spec import PrivacySpec
 from dpbr.registry import canonical, format_float
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "RunSpec",
     "VNSpec",
     "option_name",
-    "parse_optional_float",
     "path_token",
     "replace",
     "run_token",
@@ -63,31 +63,6 @@ def path_token(value: Any) -> str:
         return format_float(value)
     text = str(value).replace("(", "_").replace(",", "_").replace(")", "")
     return _SAFE.sub("-", text)
-
-
-def parse_optional_float(value: Any, option: str) -> float | None:
-    """``None``/``"none"``/``"null"``/``"inf"`` → ``None``; numbers and numeric strings → float.
-
-    ``inf`` means "no privacy" for ``--epsilon`` (the study writes ε = ∞), so it maps to ``None`` too.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise UsageError(option, f"expected a number or 'none', got {value!r}")
-    if isinstance(value, (int, float)):
-        if isinstance(value, float) and math.isinf(value) and value > 0:
-            return None
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond the float range
-            raise UsageError(option, f"expected a finite number or 'none', got {value!r}") from None
-    text = str(value).strip().lower()
-    if text in ("none", "null", "", "inf", "infinity"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise UsageError(option, f"expected a number or 'none', got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -171,68 +146,20 @@ def _cli_text(v: Any) -> str:
 # Validation helpers (each raises a one-line UsageError naming the option and what is allowed)
 
 
-#: Largest int64: every integer a spec holds is written to an int64 Parquet column and handed to torch.
-INT64_MAX: int = 2**63 - 1
-
-
 def _int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
-    """An integer within the given bounds (and the int64 range), or a UsageError naming the option."""
-    opt = option_name(name)
-    high = INT64_MAX if high is None else min(high, INT64_MAX)
-    if isinstance(value, bool):
-        raise UsageError(opt, f"expected an integer, got {value!r}")
-    try:
-        if isinstance(value, int):  # exact, whatever its size (a float would round beyond 2**53)
-            out = int(value)
-        else:
-            as_float = float(value)
-            if not as_float.is_integer():
-                raise ValueError
-            out = int(as_float)
-    except (TypeError, ValueError, OverflowError):
-        raise UsageError(opt, f"expected an integer, got {value!r}") from None
-    if low is not None and out < low:
-        raise UsageError(opt, f"must be >= {low}, got {out}")
-    if high is not None and out > high:
-        raise UsageError(opt, f"must be <= {high}, got {out}")
-    return out
-
-
-#: Largest finite float32: every number a spec holds ends up in a float32 tensor operation (a learning
-#: rate of 1e39 cannot be used as ``alpha`` of a float32 update), so larger magnitudes are refused.
-FLOAT32_MAX: float = 3.4028234663852886e38
+    """The integer field ``name`` (:func:`dpbr.validate.integer`, naming its option)."""
+    return validate.integer(value, option_name(name), low=low, high=high)
 
 
 def _float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False) -> float:
-    """A finite number within ``±FLOAT32_MAX`` and the given bounds, or a UsageError naming the option."""
-    opt = option_name(name)
-    if isinstance(value, bool):
-        raise UsageError(opt, f"expected a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UsageError(opt, f"expected a number, got {value!r}") from None
-    if math.isinf(out) or abs(out) > FLOAT32_MAX:
-        raise UsageError(opt, f"must be a finite number of magnitude at most {FLOAT32_MAX:.4g} (float32), "
-                              f"got {format_float(out)}")
-    too_low = low is not None and (out <= low if low_open else out < low)
-    too_high = high is not None and (out >= high if high_open else out > high)
-    if math.isnan(out) or too_low or too_high:
-        parts = []
-        if low is not None:
-            parts.append(f"{'>' if low_open else '>='} {format_float(low)}")
-        if high is not None:
-            parts.append(f"{'<' if high_open else '<='} {format_float(high)}")
-        raise UsageError(opt, f"must be {' and '.join(parts) or 'a number'}, got {format_float(out)}")
-    return out
+    """The number field ``name`` (:func:`dpbr.validate.number`, naming its option)."""
+    return validate.number(value, option_name(name), low=low, high=high, low_open=low_open, high_open=high_open)
 
 
 def _choice(value: Any, name: str, allowed: list[str]) -> str:
-    text = str(value).strip().lower()
-    if text not in allowed:
-        raise UsageError(option_name(name), f"unknown value {value!r}; allowed: {', '.join(allowed)}")
-    return text
+    """The field ``name``, one of ``allowed`` (:func:`dpbr.validate.choice`, naming its option)."""
+    return validate.choice(value, option_name(name), allowed)
 
 
 def _option_reader(cls: type, options: Mapping[str, Any], *, none_is_default: bool = False):
@@ -258,36 +185,6 @@ def _model_name(text: Any, allowed: list[str] | tuple[str, ...], context: str = 
     if _base(model, "--model") not in allowed:
         raise UsageError("--model", f"unknown model {model!r}{context}; allowed: {', '.join(allowed)}")
     return canonical(model, option="--model")
-
-
-def _privacy_fields(given, default_clip: float | None, delta_default: float, clip_mode_default: str) -> dict[str, Any]:
-    """Validated ``epsilon, delta, clip, clip_mode, sparsify``: the classic Gaussian mechanism on the
-    clipped gradient, as in Guerraoui et al. 2021 (arXiv 2102.08166), and magnitude sparsification.
-
-    ε and δ in (0, 1) (ε ``none`` = no noise); C > 0 and finite (``none`` = no clipping), required with
-    ε because it sets the sensitivity 2C/b; sparsification fraction in [0, 1), 0 meaning none. ε and a
-    sparsification fraction may be given together: the noised gradient is then sparsified (clip →
-    noise → sparsify, :mod:`dpbr.privacy.mechanisms`), which keeps the (ε, δ) guarantee of the noise
-    (post-processing). The study itself never combines them.
-    """
-    epsilon = parse_optional_float(given("epsilon", None), "--epsilon")
-    if epsilon is not None:
-        epsilon = _float(epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=True)
-    delta = _float(given("delta", delta_default), "delta", low=0.0, high=1.0, low_open=True, high_open=True)
-    clip = parse_optional_float(given("clip", default_clip), "--clip")
-    if clip is not None:
-        if math.isinf(clip):
-            raise UsageError("--clip", "must be finite (use 'none' for no clipping)")
-        clip = _float(clip, "clip", low=0.0, low_open=True)
-    if epsilon is not None and clip is None:
-        raise UsageError("--clip", "a clipping norm is required with --epsilon (it sets the sensitivity 2C/b)")
-    clip_mode = _choice(given("clip_mode", clip_mode_default), "clip_mode", list(RunSpec.CLIP_MODES))
-    sparsify = parse_optional_float(given("sparsify", None), "--sparsify")
-    if sparsify is not None:
-        sparsify = _float(sparsify, "sparsify", low=0.0, high=1.0, high_open=True)
-        if sparsify == 0.0:
-            sparsify = None
-    return {"epsilon": epsilon, "delta": delta, "clip": clip, "clip_mode": clip_mode, "sparsify": sparsify}
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -333,7 +230,6 @@ class RunSpec(CellSpec):
     worker_momentum: float = 0.0
     seed: int = 1
 
-    CLIP_MODES: ClassVar[tuple[str, ...]] = ("batch", "per-example")
     #: Most steps of one run: every step's metrics are kept in memory (a float64 row per step).
     MAX_STEPS: ClassVar[int] = 100_000_000
 
@@ -352,7 +248,6 @@ class RunSpec(CellSpec):
         """
         from dpbr import data
         from dpbr import model_catalog as models
-        from dpbr.privacy import mechanisms
         from dpbr.robust import aggregators, attacks
 
         given = _option_reader(cls, options)
@@ -380,21 +275,10 @@ class RunSpec(CellSpec):
         except ValueError as exc:
             raise UsageError("--byzantine", str(exc)) from None
 
-        privacy = _privacy_fields(given, hp.get("clip", cls.clip), cls.delta, cls.clip_mode)
-        quantize_raw = given("quantize", None)
-        quantize = None
-        if quantize_raw is not None and str(quantize_raw).strip().lower() not in ("none", "null", ""):
-            text = str(quantize_raw).strip()
-            if text.isdigit():  # "--quantize 8" means uniform 8-bit
-                text = f"uniform(bits={text})"
-            term = mechanisms_quantize_term(text)
-            try:
-                mechanisms.get(term)  # validates kind and parameters
-            except UsageError as exc:  # the mechanism's own label is not an option of dpbr train
-                raise UsageError("--quantize", exc.message.removeprefix("quantize: ")) from None
-            quantize = _quantize_label(term)
-
         batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
+        privacy = PrivacySpec.create(given, batch_size=batch_size, default_clip=hp.get("clip", cls.clip),
+                                     default_delta=cls.delta, default_clip_mode=cls.clip_mode)
+
         steps = _int(given("steps", cls.steps), "steps", low=1, high=cls.MAX_STEPS)
         lr = _float(given("lr", hp.get("lr", cls.lr)), "lr", low=0.0, low_open=True)
         momentum = _float(given("momentum", hp.get("momentum", cls.momentum)), "momentum", low=0.0, high=1.0, high_open=True)
@@ -406,7 +290,7 @@ class RunSpec(CellSpec):
         seed = _int(given("seed", cls.seed), "seed", low=0)
 
         return cls(
-            dataset=dataset, model=model, gar=rule.name, attack=attack, **privacy, quantize=quantize, batch_size=batch_size,
+            dataset=dataset, model=model, gar=rule.name, attack=attack, **privacy.columns(), batch_size=batch_size,
             workers=workers, byzantine=byzantine, byzantine_real=byzantine_real, steps=steps, lr=lr,
             momentum=momentum, eval_every=eval_every, partition=partition, worker_momentum=worker_momentum,
             seed=seed,
@@ -419,21 +303,10 @@ class RunSpec(CellSpec):
         """Number of honest workers ``n − f_real``."""
         return self.workers - self.byzantine_real
 
-    def privacy_spec(self) -> str | None:
-        """The privacy pipeline as a mechanism spec string (clip → gaussian → sparsify → quantize), or None."""
-        terms: list[str] = []
-        if self.clip is not None:
-            terms.append(f"clip(c={format_float(self.clip)},mode={self.clip_mode})")
-        if self.epsilon is not None:
-            terms.append(
-                f"gaussian(batch_size={self.batch_size},clip={format_float(self.clip)},"
-                f"delta={format_float(self.delta)},epsilon={format_float(self.epsilon)})"
-            )
-        if self.sparsify is not None and self.sparsify > 0:
-            terms.append(f"sparsify(p={format_float(self.sparsify)})")
-        if self.quantize is not None:
-            terms.append(mechanisms_quantize_term(self.quantize))
-        return "+".join(terms) if terms else None
+    @functools.cached_property
+    def privacy(self) -> PrivacySpec:
+        """The cell's privacy setting: mechanisms, spec text and label (:class:`~dpbr.privacy.spec.PrivacySpec`)."""
+        return _privacy_of(self)
 
     def label(self) -> str:
         """A short human label for plots: ``mda/little``."""
@@ -462,31 +335,9 @@ def _check_model_dataset(model: str, dataset: str) -> None:
         raise UsageError("--model", str(exc)) from None
 
 
-def mechanisms_quantize_term(text: str) -> str:
-    """The mechanism spec of a ``--quantize`` value: ``"uniform(bits=8)" -> "quantize(bits=8,kind=uniform)"``.
-
-    Accepted forms: a kind with parameters (``uniform(bits=8)``, ``stochastic(bits=4)``, ``sign``,
-    ``qsgd(levels=16)``) or an already complete ``quantize(...)`` term.
-    """
-    from dpbr.registry import format_term, parse
-
-    terms = parse(text, option="--quantize")
-    if len(terms) != 1:
-        raise UsageError("--quantize", f"expected one quantizer such as 'uniform(bits=8)', got {text!r}")
-    name, params = terms[0]
-    if name == "quantize":
-        return format_term("quantize", params)
-    return format_term("quantize", {**params, "kind": name})
-
-
-def _quantize_label(term: str) -> str:
-    """Inverse of :func:`mechanisms_quantize_term`: ``quantize(bits=8,kind=uniform) -> uniform(bits=8)``."""
-    from dpbr.registry import format_term, parse
-
-    (_, params), = parse(term, option="--quantize")
-    params = dict(params)
-    kind = str(params.pop("kind", "uniform"))
-    return format_term(kind, params)
+def _privacy_of(spec: "RunSpec | VNSpec") -> PrivacySpec:
+    """The :class:`PrivacySpec` of a cell's (already validated) privacy fields."""
+    return PrivacySpec(**{k: getattr(spec, k, None) for k in PrivacySpec.COLUMNS}, batch_size=spec.batch_size)
 
 
 def replace(spec: CellSpec, **changes: Any) -> CellSpec:
@@ -616,9 +467,9 @@ class VNSpec(CellSpec):
         if run == "init" and step != 0:
             raise UsageError("--step", f"must be 0 for the initial parameters (run 'init'), got {step}")
 
-        privacy = _privacy_fields(given, hp.get("clip", cls.clip), cls.delta, cls.clip_mode)
-
         batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1)
+        privacy = PrivacySpec.create(given, batch_size=batch_size, default_clip=hp.get("clip", cls.clip),
+                                     default_delta=cls.delta, default_clip_mode=cls.clip_mode, quantize=False)
         workers = _int(given("workers", cls.workers), "workers", low=1)
         byzantine = _int(given("byzantine", cls.byzantine), "byzantine", low=0, high=max(workers - 1, 0))
         f_max = vn_max_byzantine(workers)
@@ -633,30 +484,17 @@ class VNSpec(CellSpec):
         confidence = _float(given("confidence", cls.confidence), "confidence", low=0.0, high=1.0,
                             low_open=True, high_open=True)
         seed = _int(given("seed", cls.seed), "seed", low=0)
-        return cls(dataset=dataset, model=model, run=run, step=step, **privacy, batch_size=batch_size, workers=workers,
+        return cls(dataset=dataset, model=model, run=run, step=step, **privacy.columns(quantize=False),
+                   batch_size=batch_size, workers=workers,
                    byzantine=byzantine, samples=samples, reference=reference, bootstrap=bootstrap,
                    confidence=confidence, seed=seed)
 
     # -- derived views ------------------------------------------------------------------------- #
 
-    def privacy_label(self) -> str:
-        """Short label of the privacy setting: ``none``, ``eps=0.2``, ``sparsify=0.25``, ``eps=0.2+sparsify=0.25``."""
-        parts = []
-        if self.epsilon is not None:
-            parts.append(f"eps={format_float(self.epsilon)}")
-        if self.sparsify is not None:
-            parts.append(f"sparsify={format_float(self.sparsify)}")
-        return "+".join(parts) or "none"
-
-    def mechanism_spec(self) -> str | None:
-        """The privacy mechanisms applied after clipping, as a :mod:`dpbr.privacy.mechanisms` spec, or None."""
-        terms: list[str] = []
-        if self.epsilon is not None:
-            terms.append(f"gaussian(batch_size={self.batch_size},clip={format_float(self.clip)},"
-                         f"delta={format_float(self.delta)},epsilon={format_float(self.epsilon)})")
-        if self.sparsify is not None:
-            terms.append(f"sparsify(p={format_float(self.sparsify)})")
-        return "+".join(terms) if terms else None
+    @functools.cached_property
+    def privacy(self) -> PrivacySpec:
+        """The cell's privacy setting: mechanisms, spec text and label (:class:`~dpbr.privacy.spec.PrivacySpec`)."""
+        return _privacy_of(self)
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -827,11 +665,5 @@ class ReconSpec(CellSpec):
 
 
 def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise UsageError(option_name(name), f"expected true or false, got {value!r}")
+    """The flag field ``name`` (:func:`dpbr.validate.boolean`, naming its option)."""
+    return validate.boolean(value, option_name(name))

@@ -1123,10 +1123,12 @@ def test_composition_structure_and_params():
     assert isinstance(rule, A.Bucketing) and rule.s == 3
     assert isinstance(rule.inner, A.NNM) and isinstance(rule.inner.inner, A.MultiKrum)
     assert rule.inner.inner.m == 2 and rule.selects
-    # **params go to the last term and override it
+    # **params go to the last term; one given there already is an error (as in every family)
     assert A.get("multi-krum", m=4).name == "multi-krum(m=4)"
-    assert A.get("bucketing(s=2)+cc(tau=1)", tau=2.0, iters=5).inner.tau == 2.0
-    assert A.get("bucketing(s=2)+cc(tau=1)", tau=2.0).name == "bucketing(s=2)+centered-clipping(tau=2)"
+    assert A.get("bucketing(s=2)+cc", tau=2.0, iters=5).inner.tau == 2.0
+    assert A.get("bucketing(s=2)+cc", tau=2.0).name == "bucketing(s=2)+centered-clipping(tau=2)"
+    with pytest.raises(UsageError, match="parameter 'tau' of 'cc' given twice"):
+        A.get("bucketing(s=2)+cc(tau=1)", tau=2.0)
     assert A.get("bucketing+krum").s == 2  # the paper's default bucket size
 
 

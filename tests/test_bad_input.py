@@ -276,7 +276,7 @@ def test_threads_beyond_the_limit_are_refused(tmp_path, capsys):
 def test_a_clip_with_a_positive_exponent_builds_a_pipeline_that_parses(tmp_path, capsys):
     # 1e20 printed as "1e+20" put a "+" inside the privacy spec, which also joins mechanisms
     spec = RunSpec.create(dataset=VEC, model="logit", epsilon=0.5, clip=1e20)
-    assert "e+" not in spec.privacy_spec() and "e+" not in spec.cell_id()
+    assert "e+" not in spec.privacy.mechanism_spec() and "e+" not in spec.cell_id()
     out = tmp_path / "cell.parquet"
     code, _, err = run_cli([*TRAIN, "--epsilon", "0.5", "--clip", "1e20", "--out", out], capsys)
     assert code == 0, err
@@ -352,11 +352,11 @@ def test_a_real_bundle_is_still_a_bundle():
 def test_noise_then_sparsify_is_the_composed_order():
     C, b, eps, delta, p = 1.0, 100, 0.5, 1e-5, 0.25
     spec = RunSpec.create(dataset=VEC, model="logit", epsilon=eps, delta=delta, clip=C, sparsify=p, batch_size=b)
-    terms = [t.split("(")[0] for t in spec.privacy_spec().split(")+")]
+    terms = [t.split("(")[0] for t in spec.privacy.mechanism_spec().split(")+")]
     assert terms == ["clip", "gaussian", "sparsify"]
     from dpbr.privacy import mechanisms
 
-    pipeline = mechanisms.get(spec.privacy_spec())
+    pipeline = mechanisms.get(spec.privacy.mechanism_spec())
     X = torch.randn(3, 200, generator=torch.Generator().manual_seed(0))
     Y = pipeline(X, generator=torch.Generator().manual_seed(7))
     # independent: clip each row to norm C, add N(0, σ²) drawn from the same seed, σ of the Gaussian mechanism

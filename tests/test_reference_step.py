@@ -58,7 +58,8 @@ from dpbr.jobs import checkpoints
 from dpbr.privacy import mechanisms
 from dpbr.robust import aggregators, attacks
 from dpbr.simulation.partitions import partition
-from dpbr.spec import RunSpec, mechanisms_quantize_term
+from dpbr.privacy.spec import quantize_term
+from dpbr.spec import RunSpec
 from dpbr.jobs.train import train
 
 VECTORS = "synthetic(classes=2,d=20,n=200,n_test=40)"  # logit: d = 21
@@ -157,7 +158,7 @@ def reference_run(spec: RunSpec) -> Reference:
              if spec.epsilon is not None else 0.0)
     later = [mechanisms.get("sparsify", p=spec.sparsify)] if spec.sparsify else []
     if spec.quantize is not None:
-        later.append(mechanisms.get(mechanisms_quantize_term(spec.quantize)))
+        later.append(mechanisms.get(quantize_term(spec.quantize)))
     rule, attack = aggregators.get(spec.gar), attacks.get(spec.attack)
 
     def server_rule(G: torch.Tensor, f: int, generator: torch.Generator | None = None) -> torch.Tensor:

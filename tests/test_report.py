@@ -11,8 +11,9 @@ import pytest
 
 from dpbr.cli import main
 from dpbr.io import write_parquet
+from dpbr.privacy.spec import privacy_label
 from dpbr.report.aggregate import (aggregate, curves_table, final_accuracy_table, find_cell_files, load_metrics,
-                                   loss_window, privacy_label)
+                                   loss_window)
 from dpbr.report.charts import plot, series_labels
 from dpbr.report.layout import FIGURES, figure_group, figure_path, summary_paths
 from dpbr.spec import RunSpec

@@ -26,11 +26,11 @@ def _run(args, capsys):
 def test_vnspec_defaults_and_canonical_forms():
     s = VNSpec.create(dataset="phishing", model="logit", epsilon="inf", sparsify=0, batch_size="50")
     assert (s.epsilon, s.sparsify, s.clip, s.run, s.step, s.samples) == (None, None, 0.01, "init", 0, 64)
-    assert s.privacy_label() == "none" and s.mechanism_spec() is None
+    assert s.privacy.label(ascii=True) == "none" and s.privacy.after_clip_spec() is None
     assert s.cell_id().split("/")[1] == "run=init,step=0"
     t = VNSpec.create(dataset="phishing", model="logit", epsilon=0.2, sparsify=0.25, batch_size=100)
-    assert t.privacy_label() == "eps=0.2+sparsify=0.25"
-    assert t.mechanism_spec() == "gaussian(batch_size=100,clip=0.01,delta=1e-06,epsilon=0.2)+sparsify(p=0.25)"
+    assert t.privacy.label(ascii=True) == "eps=0.2+sparsify=0.25"
+    assert t.privacy.after_clip_spec() == "gaussian(batch_size=100,clip=0.01,delta=1e-06,epsilon=0.2)+sparsify(p=0.25)"
     assert VNSpec.from_dict(t.to_dict()) == t
     assert t.path("res").parts[:2] == ("res", "vn")
 

@@ -55,7 +55,6 @@ All functions here are plain NumPy/SciPy on the host (accounting is a handful of
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Iterable, Sequence
 
@@ -67,6 +66,8 @@ from dpbr._lazy import LazyModule
 special = LazyModule("scipy.special", globals(), "special")
 
 from dpbr.errors import UsageError
+from dpbr.validate import positive_int, positive_integral
+from dpbr.validate import real as _real
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -110,16 +111,6 @@ _SERIES_MAX_TERMS = 20_000_000
 # Validation
 
 
-def _real(value: object, option: str, what: str) -> float:
-    """``value`` as a float; rejects bools, non-numbers and NaN with a UsageError naming ``option``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(option, f"{what} must be a number, got {value!r}")
-    x = float(value)
-    if math.isnan(x):
-        raise UsageError(option, f"{what} must be a number, got NaN")
-    return x
-
-
 def check_epsilon(epsilon: object, option: str = "--epsilon") -> float:
     """Validate the per-step ε of the classic Gaussian mechanism: a real number in (0, 1)."""
     e = _real(epsilon, option, "epsilon")
@@ -141,9 +132,7 @@ def check_delta(delta: object, option: str = "--delta") -> float:
 
 
 def _check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not float(steps).is_integer() or steps < 0:
-        raise UsageError("--steps", f"steps must be a non-negative integer, got {steps!r}")
-    return int(steps)
+    return positive_int(steps, "--steps", "steps", low=0)
 
 
 def _check_rate(q: object) -> float:
@@ -210,9 +199,7 @@ def dpsgd_noise_multiplier(sigma: float, clip: float, batch_size: int) -> float:
         raise UsageError("--sigma", f"sigma must be finite and >= 0, got {s!r}")
     if c <= 0 or not math.isfinite(c):
         raise UsageError("--clip", f"clip must be finite and > 0, got {c!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise UsageError("--batch-size", f"batch size must be a positive integer, got {batch_size!r}")
-    return s * int(batch_size) / c
+    return s * positive_integral(batch_size, "--batch-size", "batch size") / c
 
 
 # --------------------------------------------------------------------------------------------------
@@ -459,8 +446,7 @@ def dpsgd_epsilon(
     (add/remove adjacency, :func:`dpsgd_noise_multiplier`). Meaningless for batch-level clipping, whose
     per-example sensitivity is unbounded.
     """
-    if isinstance(dataset_size, bool) or not isinstance(dataset_size, numbers.Integral) or dataset_size < 1:
-        raise UsageError("--dataset-size", f"dataset size must be a positive integer, got {dataset_size!r}")
+    positive_integral(dataset_size, "--dataset-size", "dataset size")
     z = dpsgd_noise_multiplier(sigma, clip, batch_size)
     if batch_size > dataset_size:
         raise UsageError("--batch-size", f"batch size {batch_size} exceeds the dataset size {dataset_size}")

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence, Union
 
@@ -68,6 +67,10 @@ else:  # imported on first use: validating mechanism names needs no torch (dpbr.
 from dpbr.errors import UsageError
 from dpbr.privacy import accounting as _acc
 from dpbr.registry import Registry, format_term, parse
+from dpbr.validate import merge_params
+from dpbr.validate import positive_finite as _positive_finite
+from dpbr.validate import positive_int as _positive_int
+from dpbr.validate import real as _number
 
 __all__ = [
     "STAGES",
@@ -103,32 +106,6 @@ _OPTION = "mechanism"
 
 #: The mechanisms: every mechanism class below registers itself with ``@registry.register(name, *aliases)``.
 registry: Registry["Mechanism"] = Registry(kind="privacy mechanism", option=_OPTION)
-
-
-# --------------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _number(value: Any, option: str, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(option, f"{what} must be a number, got {value!r}")
-    x = float(value)
-    if math.isnan(x):
-        raise UsageError(option, f"{what} must be a number, got NaN")
-    return x
-
-
-def _positive_finite(value: Any, option: str, what: str) -> float:
-    x = _number(value, option, what)
-    if not (x > 0.0 and math.isfinite(x)):
-        raise UsageError(option, f"{what} must be a finite number > 0, got {x!r}")
-    return x
-
-
-def _positive_int(value: Any, option: str, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < 1:
-        raise UsageError(option, f"{what} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def gaussian_sigma(clip: float, batch_size: int, epsilon: float, delta: float) -> float:
@@ -827,7 +804,8 @@ def get(name: str, **params: Any) -> Mechanism:
 
     ``get("sparsify", p=0.25)``; ``get("sparsify(p=0.25)")``; ``get("clip(c=0.01)+gaussian(sigma=0.1)")``
     returns a :class:`Pipeline` (canonical order). Keyword parameters are only allowed with a single
-    term; a parameter given both in the string and as a keyword must agree.
+    term; a parameter given both in the string and as a keyword is an error
+    (:func:`dpbr.validate.merge_params`).
 
     Raises
     ------
@@ -847,8 +825,4 @@ def get(name: str, **params: Any) -> Mechanism:
             )
         return compose(*(registry.build(n, **p) for n, p in terms))
     n, p = terms[0]
-    for key, value in params.items():
-        if key in p and p[key] != value:
-            raise UsageError(_OPTION, f"{n}: parameter {key} given twice with different values ({p[key]!r}, {value!r})")
-        p[key] = value
-    return registry.build(n, **p)
+    return registry.build(n, **merge_params(_OPTION, n, p, params))

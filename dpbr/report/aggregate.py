@@ -22,7 +22,6 @@ parameters, so their concatenation is already a tidy table). Outputs (names from
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -33,7 +32,7 @@ import pyarrow as pa
 
 from dpbr.errors import UsageError
 from dpbr.io import atomic_path, check_folder, write_parquet
-from dpbr.registry import format_float
+from dpbr.privacy.spec import privacy_label
 from dpbr.report.grid import spec_fields
 from dpbr.report.inputs import read_table
 from dpbr.report.layout import summary_paths
@@ -47,7 +46,6 @@ __all__ = [
     "find_cell_files",
     "load_metrics",
     "loss_window",
-    "privacy_label",
     "read_file_list",
     "run_table",
 ]
@@ -103,18 +101,6 @@ def find_cell_files(paths: Iterable[str | Path]) -> list[Path]:
     if not found:
         raise UsageError("PATHS", "no cell files (*.parquet) found; run `dpbr train` or the workflow first")
     return list(found)
-
-
-def privacy_label(epsilon: float | None, sparsify: float | None, quantize: str | None = None) -> str:
-    """Short label of a privacy setting: ``none``, ``ε=0.2``, ``sparsify=0.25``, ``ε=0.2 + sparsify=0.25``."""
-    parts = []
-    if epsilon is not None and not (isinstance(epsilon, float) and math.isnan(epsilon)):
-        parts.append(f"ε={format_float(epsilon)}")
-    if sparsify is not None and not (isinstance(sparsify, float) and math.isnan(sparsify)) and sparsify > 0:
-        parts.append(f"sparsify={format_float(sparsify)}")
-    if quantize is not None and not (isinstance(quantize, float) and math.isnan(quantize)) and str(quantize) != "":
-        parts.append(f"quantize={quantize}")
-    return " + ".join(parts) or "none"
 
 
 def _privacy_rank(epsilon: float, sparsify: float, quantize: object) -> tuple:

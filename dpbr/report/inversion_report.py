@@ -29,7 +29,7 @@ import pandas as pd
 
 from dpbr.errors import UsageError
 from dpbr.registry import format_term, parse
-from dpbr.report.aggregate import privacy_label
+from dpbr.privacy.spec import privacy_label
 from dpbr.io import check_folder, write_csv, write_parquet
 from dpbr.report.inputs import read_frame, read_train_final
 from dpbr.report.charts import note_chart, save_chart

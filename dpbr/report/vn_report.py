@@ -34,7 +34,7 @@ import pandas as pd
 
 from dpbr.errors import UsageError
 from dpbr.io import check_folder, write_csv, write_parquet
-from dpbr.report.aggregate import privacy_label
+from dpbr.privacy.spec import privacy_label
 from dpbr.report.grid import spec_fields
 from dpbr.report.inputs import read_frame, read_train_final
 from dpbr.spec import VNSpec

@@ -98,7 +98,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -115,6 +114,10 @@ else:  # imported on first use: validating rule names needs no torch (dpbr._lazy
 from dpbr import linalg
 from dpbr.errors import UsageError
 from dpbr.registry import Registry, format_term, parse
+from dpbr.validate import count as _count
+from dpbr.validate import merge_params
+from dpbr.validate import positive_index as _positive_int
+from dpbr.validate import positive_number as _positive_float
 
 __all__ = [
     "MDA_MAX_ENTRIES",
@@ -177,39 +180,6 @@ class Aggregation:
     value: Tensor
     selected: Tensor | None = None
     state: Any = None
-
-
-def _count(x: Any, what: str) -> int:
-    if isinstance(x, bool):
-        raise UsageError("", f"{what} must be an integer, got {x!r}")
-    try:
-        return operator.index(x)
-    except TypeError:
-        raise UsageError("", f"{what} must be an integer, got {x!r}") from None
-
-
-def _positive_int(x: Any, what: str) -> int:
-    if isinstance(x, bool):
-        raise ValueError(f"{what} must be a positive integer, got {x!r}")
-    try:
-        v = operator.index(x)
-    except TypeError:
-        raise ValueError(f"{what} must be a positive integer, got {x!r}") from None
-    if v < 1:
-        raise ValueError(f"{what} must be a positive integer, got {x!r}")
-    return v
-
-
-def _positive_float(x: Any, what: str) -> float:
-    if isinstance(x, bool):
-        raise ValueError(f"{what} must be a positive number, got {x!r}")
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a positive number, got {x!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{what} must be a positive number, got {x!r}")
-    return v
 
 
 def krum_vn_bound(n: int, f: int) -> float | None:
@@ -1015,7 +985,8 @@ def get(name: str, **params: Any) -> Aggregator:
 
     ``name`` is ``[pre+]...rule``: zero or more pre-aggregators (``bucketing(s=2)``, ``nnm``) joined
     by ``+`` before one rule, each ``name`` or ``name(key=value, ...)``. ``params``, if given, are
-    added to (and override) the parameters of the last term, the rule.
+    added to the parameters of the last term, the rule (a key given both ways is an error:
+    :func:`dpbr.validate.merge_params`).
 
     The result's :attr:`~Aggregator.name` is the canonical spec (:func:`dpbr.registry.format_term`
     of each term: lower case, aliases resolved, the given parameters sorted and canonically
@@ -1037,7 +1008,7 @@ def get(name: str, **params: Any) -> Aggregator:
                 OPTION,
                 f"{pre_name!r} is a rule; only pre-aggregators ({', '.join(pre_aggregators.names())}) may precede '+'",
             )
-    rule_params = {**rule_params, **params}
+    rule_params = merge_params(OPTION, rule_name, rule_params, params)
     agg = rules.build(rule_name, **rule_params)
     agg.name = format_term(agg.key, rule_params)
     for pre_name, pre_params in reversed(pres):

@@ -52,6 +52,7 @@ and ``"little(factor=1.5)"`` build the same attack under two names — write spe
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ else:  # imported on first use: validating attack names needs no torch (dpbr._la
 
 from dpbr.errors import UsageError
 from dpbr.registry import Registry, format_term, parse
+from dpbr.validate import merge_params, param_bool, param_factor, param_float, param_int
 
 __all__ = [
     "Attack",
@@ -317,10 +319,7 @@ def get(name: str, **params: Any) -> "Attack":
     if len(terms) != 1:
         raise UsageError(OPTION, f"attacks do not compose; got {len(terms)} terms in {name!r}")
     key, given = terms[0]
-    both = sorted(set(given) & set(params))
-    if both:
-        raise UsageError(OPTION, f"parameter {both[0]!r} given twice (in the name and as a keyword)")
-    given = {**given, **params}
+    given = merge_params(OPTION, key, given, params)
     key = registry.resolve(key)
     atk = registry.build(key, **given)
     atk.name = format_term(key, {k: atk.params[k] for k in given})
@@ -968,49 +967,8 @@ def _search_factor(
     return line_maximize(objective, evals)
 
 
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise UsageError(OPTION, f"{name} must be true or false, got {value!r}")
-
-
-def _as_float(name: str, value: Any, *, low: float | None = None) -> float:
-    if isinstance(value, bool):
-        raise UsageError(OPTION, f"{name} must be a number, got {value!r}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(OPTION, f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise UsageError(OPTION, f"{name} must be finite, got {value!r}")
-    if low is not None and x < low:
-        raise UsageError(OPTION, f"{name} must be >= {low:g}, got {value!r}")
-    return x
-
-
-def _as_int(name: str, value: Any, *, low: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise UsageError(OPTION, f"{name} must be an integer, got {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            pass
-    if not isinstance(value, int):
-        raise UsageError(OPTION, f"{name} must be an integer, got {value!r}")
-    if low is not None and value < low:
-        raise UsageError(OPTION, f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _as_factor(name: str, value: Any, words: tuple[str, ...]) -> float | str:
-    if isinstance(value, str) and value.strip().lower() in words:
-        return value.strip().lower()
-    try:
-        return _as_float(name, value)
-    except UsageError:
-        raise UsageError(OPTION, f"{name} must be a number or one of {', '.join(words)}; got {value!r}") from None
+# Parameter checks of this family: :mod:`dpbr.validate`'s, naming ``--attack``.
+_as_bool = functools.partial(param_bool, OPTION)
+_as_float = functools.partial(param_float, OPTION)
+_as_int = functools.partial(param_int, OPTION)
+_as_factor = functools.partial(param_factor, OPTION)

@@ -107,7 +107,6 @@ class Simulation:
     def __init__(self, spec: RunSpec, dataset: Any, device: torch.device, *, strategy: str = "auto",
                  chunk: int = 64) -> None:
         from dpbr import models
-        from dpbr.privacy import mechanisms
         from dpbr.robust import aggregators, attacks
 
         self.spec = spec
@@ -134,11 +133,9 @@ class Simulation:
         self.loss = models.loss(spec.model)
         self.rule = aggregators.get(spec.gar)
         self.attack = attacks.get(spec.attack)
-        privacy = spec.privacy_spec()
         # Clipping is applied by the simulation itself (batch mode on rows, per-example inside the
         # oracle); the rest of the pipeline (noise, sparsification, quantization) runs on the rows.
-        after_clip = "+".join(t for t in (privacy or "").split("+") if t and not t.startswith("clip("))
-        self.mechanism = mechanisms.get(after_clip) if after_clip else None
+        self.mechanism = spec.privacy.after_clip_mechanism()
         self.noise_sigma = float(getattr(self.mechanism, "sigma", 0.0) or 0.0) if self.mechanism else 0.0
         h, f_real = spec.honest, spec.byzantine_real
         self.h, self.f_real = h, f_real

@@ -227,7 +227,7 @@ def measure(problem: Problem, specs: Sequence[Any], *, chunk: int = DEFAULT_CHUN
         seconds_gradients = time.perf_counter() - t1
         for spec in cells:
             t2 = time.perf_counter()
-            mech_text = spec.mechanism_spec()
+            mech_text = spec.privacy.after_clip_spec()
             mech = mechanisms.get(mech_text) if mech_text else None
             sigma = float(getattr(mech, "sigma", 0.0) or 0.0) if mech is not None else 0.0
             linear = spec.sparsify is None  # only additive Gaussian noise (or nothing) after clipping
@@ -266,7 +266,7 @@ def measure(problem: Problem, specs: Sequence[Any], *, chunk: int = DEFAULT_CHUN
             ref_norm = float(torch.linalg.vector_norm(ref.double()))
             clipped = raw_norms[~torch.isnan(raw_norms)]
             row.update(
-                privacy=spec.privacy_label(),
+                privacy=spec.privacy.label(ascii=True),
                 mechanism=mech_text or "none",
                 estimator=estimator,
                 ci_method="percentile",
