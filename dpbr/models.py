@@ -70,6 +70,7 @@ __all__ = [
     "correct",
     "default_hparams",
     "flat_params",
+    "for_run",
     "loss",
     "names",
     "num_params",
@@ -259,6 +260,28 @@ class ResNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- #
 # Build
+
+
+def for_run(
+    name: str,
+    dataset: Any,
+    seed: int,
+    *,
+    device: str | torch.device | None = None,
+    normalization: tuple[Sequence[float] | None, Sequence[float] | None] | None = None,
+) -> nn.Module:
+    """The model ``name`` of a run with ``seed`` on ``dataset`` — the same initial θ in ``dpbr train``,
+    ``dpbr vn`` and ``dpbr reconstruct``.
+
+    :func:`build` with the dataset's input shape and number of classes, inputs normalised with
+    ``normalization = (mean, std)`` (default: the dataset's own), parameters drawn from the seed
+    ``dpbr.rng.derive_seed(seed, "model")``.
+    """
+    from dpbr import rng
+
+    mean, std = (dataset.mean, dataset.std) if normalization is None else normalization
+    return build(name, input_shape=dataset.input_shape, num_classes=dataset.num_classes, mean=mean, std=std,
+                 seed=rng.derive_seed(seed, "model"), device=device)
 
 
 def build(

@@ -8,8 +8,7 @@ applies the defence to it (:mod:`dpbr.privacy.mechanisms` on the flattened gradi
 
 Steps
 -----
-1. :func:`build_model`: the model as ``dpbr train`` builds it (``models.build(..., mean, std,
-   seed=derive_seed(seed, "model"))``), or with a checkpoint's ``theta`` loaded into it.
+1. :func:`build_model`: the model as ``dpbr train`` builds it (:func:`dpbr.models.for_run`), or with a checkpoint's ``theta`` loaded into it.
    Batch-norm layers, if any, use batch statistics and keep no running statistics
    (``torch.func.replace_all_batch_norm_modules_``), as a worker computing a training gradient.
 2. :func:`prepare`: draw ``B`` distinct training images (generator ``(seed, "inversion-images")``),
@@ -57,12 +56,11 @@ Progress = Callable[[int, int], None]
 
 def build_model(spec: ReconSpec, dataset: Any, device: torch.device, checkpoint: dict[str, Any] | None) -> nn.Module:
     """The attacked model: as ``dpbr train`` builds it (state ``initial``) or with the checkpoint's ``theta``."""
-    from dpbr import models, rng
+    from dpbr import models
 
     seed = int(checkpoint["spec"]["seed"]) if checkpoint is not None else spec.seed
     mean, std = spec.normalization(dataset)
-    model = models.build(spec.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                         mean=mean, std=std, seed=rng.derive_seed(seed, "model"), device=device)
+    model = models.for_run(spec.model, dataset, seed, device=device, normalization=(mean, std))
     if checkpoint is not None:
         theta = checkpoint["theta"].reshape(-1)
         d = models.num_params(model)

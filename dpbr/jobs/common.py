@@ -101,10 +101,9 @@ def build_model(name: str, dataset: Any, seed: int, device: torch.device) -> tor
     Inputs are normalised with the dataset's mean and standard deviation; the parameters are drawn
     from the generator ``(seed, "model")`` (:func:`dpbr.rng.derive_seed`).
     """
-    from dpbr import models, rng
+    from dpbr import models
 
-    return models.build(name, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                        mean=dataset.mean, std=dataset.std, seed=rng.derive_seed(seed, "model")).to(device)
+    return models.for_run(name, dataset, seed).to(device)
 
 
 def run_metadata(spec: Any, device: torch.device, dataset: Any, *, threads: int, **extra: Any) -> dict[str, Any]:

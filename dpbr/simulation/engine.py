@@ -113,9 +113,7 @@ class Simulation:
         self.data = dataset
         self.device = device
         self.dtype = torch.float32
-        model = models.build(spec.model, input_shape=dataset.input_shape, num_classes=dataset.num_classes,
-                             mean=dataset.mean, std=dataset.std, seed=rng.derive_seed(spec.seed, "model"))
-        self.model = model.to(device)
+        self.model = models.for_run(spec.model, dataset, spec.seed).to(device)
         d = sum(p.numel() for p in self.model.parameters())
         theta = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]).to(device, self.dtype)
         self.theta0 = theta.clone()
