@@ -33,6 +33,8 @@ __all__ = [
     "check_folder",
     "check_writable",
     "device_name",
+    "host_token",
+    "process_exists",
     "read_metadata",
     "remove_stale_temporaries",
     "run_metadata",
@@ -48,7 +50,7 @@ METADATA_KEY = b"dpbr"
 STALE_TEMPORARY_SECONDS = 3600.0
 
 
-def _host_token() -> str:
+def host_token() -> str:
     """This machine's short host name in the characters a temporary's name allows (``[A-Za-z0-9-]``)."""
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
 
@@ -63,7 +65,7 @@ def _temporary_pattern(name: str) -> re.Pattern[str]:
     )
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     """Whether a process with this id exists on this machine (signal 0 checks without sending)."""
     if pid <= 0:
         return True  # not a real writer id: never treat as gone
@@ -95,7 +97,7 @@ def remove_stale_temporaries(path: str | Path, *, max_age: float = STALE_TEMPORA
     """
     path = Path(path)
     pattern = _temporary_pattern(path.name)
-    host = _host_token()
+    host = host_token()
     now = time.time() if now is None else now
     removed = []
     try:
@@ -109,7 +111,7 @@ def remove_stale_temporaries(path: str | Path, *, max_age: float = STALE_TEMPORA
         try:
             if not entry.is_file(follow_symlinks=False):
                 continue
-            gone = match["pid"] is not None and match["host"] == host and not _process_exists(int(match["pid"]))
+            gone = match["pid"] is not None and match["host"] == host and not process_exists(int(match["pid"]))
             stale = gone or now - entry.stat(follow_symlinks=False).st_mtime > max_age
             if stale:
                 os.unlink(entry.path)
@@ -131,7 +133,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host_token()}-{os.getpid()}-", suffix=".tmp",
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{host_token()}-{os.getpid()}-", suffix=".tmp",
                                dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -50,7 +50,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -200,25 +199,11 @@ def check_destination(folder: str | Path, option: str = "--checkpoint-dir") -> P
     return p
 
 
-def _host() -> str:
-    """This machine's short host name in the characters a temporary's name allows (``[A-Za-z0-9-]``)."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
-
-
 def _writer_token() -> str:
-    """``HOST-PID`` of this process, part of its temporary folders' names."""
-    return f"{_host()}-{os.getpid()}"
+    """``HOST-PID`` of this process, part of its temporary folders' names (as :func:`dpbr.io.atomic_path`'s)."""
+    from dpbr.io import host_token
 
-
-def _process_exists(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (signal 0 checks without sending)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists, owned by another user
-        return True
-    return True
+    return f"{host_token()}-{os.getpid()}"
 
 
 def remove_stale_folders(folder: str | Path) -> list[Path]:
@@ -232,7 +217,9 @@ def remove_stale_folders(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     pattern = re.compile(rf"\.{re.escape(folder.name)}\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)-"
                          rf"[A-Za-z0-9_]{{8}}\.(?P<kind>tmp|old)")
-    host = _host()
+    from dpbr.io import host_token, process_exists
+
+    host = host_token()
     removed: list[Path] = []
     try:
         entries = list(os.scandir(folder.parent))
@@ -242,7 +229,7 @@ def remove_stale_folders(folder: str | Path) -> list[Path]:
         m = pattern.fullmatch(entry.name)
         if m is None or not entry.is_dir(follow_symlinks=False):
             continue
-        if m["kind"] == "tmp" and (m["host"] != host or _process_exists(int(m["pid"]))):
+        if m["kind"] == "tmp" and (m["host"] != host or process_exists(int(m["pid"]))):
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         removed.append(Path(entry.path))
