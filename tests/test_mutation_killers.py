@@ -76,6 +76,17 @@ def test_run_facts_name_the_strategy_the_dimension_and_the_noise():
     assert facts == {"strategy": "closed-form", "dim": 21, "noise_sigma": 0.0}
 
 
+@pytest.mark.parametrize("strategy", ["vmap"])  # not the oracle's default (the loop)
+def test_the_gradients_are_computed_the_way_the_run_facts_report(strategy):
+    """The strategy recorded in the run's facts is the one the gradient oracle runs. Catches the
+    oracle built without ``strategy=`` (it would run its default, the loop, while the metadata says
+    ``vmap``)."""
+    spec = RunSpec.create(dataset=VECTORS, model="logit", workers=3, byzantine=0, batch_size=4, steps=1,
+                          eval_every=0, clip=None, seed=4)
+    sim = Simulation(spec, data.load(str(spec.dataset), None), torch.device("cpu"), strategy=strategy)
+    assert sim.oracle.strategy == strategy == sim.run().facts["strategy"]
+
+
 def test_a_run_that_diverges_at_its_last_step_is_reported_diverged():
     """A NaN-sending attack against the average makes step 1's aggregate NaN: a one-step run has
     diverged at step 1, and (no periodic evaluation) no evaluation of a diverged model is recorded.
@@ -163,6 +174,60 @@ def test_centered_clipping_starts_each_step_from_the_previous_center():
     assert norms[-1] > 2 * tau
 
 
+def test_an_attacks_state_is_handed_from_each_step_to_the_next():
+    """A stateful attack (``mimic(target=auto)``, Karimireddy, He, Jaggi 2022) returns its state with its
+    vectors; the next step must receive exactly that state (``None`` at the first step). Catches the
+    ``state=`` of the attack's call dropped (the attack restarts at every step)."""
+    sim = _simulation(workers=6, byzantine=1, gar="median", attack="mimic(target=auto)", steps=4)
+    forge, seen = sim.attack.forge, []
+
+    def spy(*args, state=None, **kwargs):
+        out = forge(*args, state=state, **kwargs)
+        seen.append((state, out.state))
+        return out
+
+    sim.attack.forge = spy
+    sim.run()
+    assert len(seen) == 4 and seen[0][0] is None
+    assert all(seen[s][0] is seen[s - 1][1] for s in range(1, 4))
+    assert seen[-1][1] is not None
+
+
+def test_the_rule_an_attack_evaluates_is_the_servers_with_its_state():
+    """An attack that evaluates the aggregator (``factor=optimal``) gets :class:`ServerRule`: the server's
+    rule with the declared ``f`` and the server's current state. Centered clipping with one iteration
+    from the state ``s``: ``v = s + (1/n) Σ_i (x_i − s)·min(1, τ/‖x_i − s‖)`` (written out here). Catches
+    the ``state=`` of that call dropped (the centre would be 0)."""
+    from dpbr.simulation import ServerRule
+
+    rng = np.random.default_rng(3)
+    G, s, tau = rng.normal(size=(5, 3)), rng.normal(size=3), 0.1
+    diff = G - s
+    expected = s + (diff * np.minimum(1.0, tau / np.linalg.norm(diff, axis=1, keepdims=True))).mean(0)
+    rule = aggregators.get(f"centered-clipping(tau={tau},iters=1)")
+    server = ServerRule(rule, 0, torch.tensor(s))
+    np.testing.assert_allclose(server(torch.tensor(G), 2).numpy(), expected, rtol=1e-10)
+
+
+def test_the_rule_an_attack_evaluates_draws_from_the_generator_it_is_given():
+    """A randomised rule (bucketing) evaluated through :class:`ServerRule` draws its buckets from the
+    generator passed to it, never from the global RNG: the same generator state gives the same value
+    whatever the global RNG's state. Catches ``generator=`` of that call dropped."""
+    from dpbr.simulation import ServerRule
+
+    G = torch.tensor(np.random.default_rng(5).normal(size=(8, 4)))
+    server = ServerRule(aggregators.get("bucketing(s=2)+median"), 1, None)
+    values = []
+    for global_seed in (0, 1, 2):
+        torch.manual_seed(global_seed)
+        values.append(server(G, 1, generator=torch.Generator().manual_seed(7)))
+    for value in values[1:]:
+        torch.testing.assert_close(value, values[0], rtol=0, atol=0)
+    torch.manual_seed(0)
+    other = [server(G, 1, generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    assert any(not torch.equal(o, values[0]) for o in other)  # the generator does decide the buckets
+
+
 # ----------------------------------------------------------------------------------------------- #
 # Privacy mechanisms
 
@@ -205,6 +270,13 @@ def test_multi_krum_has_the_krum_vn_bound_only_up_to_m_equal_n_minus_f_minus_2()
     krum = 1.0 / math.sqrt(2.0 * (n - f + f * (n + f * (n - f - 2) - 2) / (n - 2 * f - 2)))
     assert aggregators.get("multi-krum", m=n - f - 2).vn_bound(n, f) == pytest.approx(krum, rel=1e-12)
     assert aggregators.get("multi-krum", m=n - f - 1).vn_bound(n, f) is None
+
+
+@pytest.mark.parametrize("name", ["average", "mda"])
+def test_a_single_honest_worker_needs_no_vn_condition(name):
+    """``n = 1, f = 0`` is allowed for the average and MDA, and with ``f = 0`` neither needs a VN
+    condition: ``k_F = ∞``. Catches ``n < 1`` → ``n <= 1`` in :meth:`Aggregator.vn_bound` (``None``)."""
+    assert aggregators.get(name).vn_bound(1, 0) == math.inf
 
 
 def _mda_entries(n: int, f: int) -> int:
@@ -255,3 +327,38 @@ def test_window_deviation_stays_accurate_when_one_step_has_nearly_equal_rows():
     out = window_metrics(torch.zeros(c, h), torch.tensor(rows), None, None, None, vectors,
                          scratch=torch.empty(c, h, d))
     np.testing.assert_allclose(out[:, STEP_COLUMNS.index("honest_deviation")].numpy(), expected, rtol=1e-4)
+
+
+def test_window_deviation_from_the_difference_of_sums_is_not_clamped_at_one():
+    """Long rows whose spread is a fair share of ``Σ‖g_i‖²`` but below 1 (independent rows of scale
+    1e-3: ``Σ‖g_i − ḡ‖² ≈ 0.8``): the deviation comes from ``Σ‖g_i‖² − h‖ḡ‖²`` clamped at 0 and must
+    equal the centred float64 formula. Catches the clamp ``clamp_min_(0)`` → ``clamp_min_(1)``."""
+    from dpbr.simulation import window_metrics
+
+    rng = np.random.default_rng(2)
+    h, d = 4, 1 << 18  # h·d = 2²⁰ entries
+    rows = (1e-3 * rng.normal(size=(1, h, d))).astype(np.float32)
+    r64 = rows.astype(np.float64)
+    spread = ((r64 - r64.mean(1, keepdims=True)) ** 2).sum()
+    assert 0.1 < spread < 1
+    out = window_metrics(torch.zeros(1, h), torch.tensor(rows), None, None, None,
+                         torch.zeros(1, 4, d), scratch=torch.empty(1, h, d))
+    assert float(out[0, STEP_COLUMNS.index("honest_deviation")]) == pytest.approx(math.sqrt(spread / (h - 1)),
+                                                                                  rel=1e-4)
+
+
+def test_gram_metrics_cosine_with_a_zero_byzantine_vector_is_nan():
+    """``cos_aggregate_attack`` is undefined (NaN) when the Byzantine rows are 0, on the Gram-matrix
+    path as on the vector path. Catches ``byz_norm > 0`` → ``>= 0`` (a division by zero)."""
+    from dpbr.simulation import gram_step_metrics
+
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.2, 0.0], [1.1, -0.1, 0.1], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    K = x @ x.T  # three honest rows, then the (zero) Byzantine row
+    selected = torch.tensor([True, True, True, True, True])  # n = 5: two copies of the zero row
+    out = gram_step_metrics(torch.zeros(3), K, selected, None, torch.zeros(3), mean_out=torch.empty(3),
+                            scratch=torch.empty(3, 3))
+    assert out is not None
+    row = out[0].tolist()
+    assert math.isnan(row[STEP_COLUMNS.index("cos_aggregate_attack")])
+    # the aggregate is the mean of the 5 rows: 3/5 of the honest mean
+    assert row[STEP_COLUMNS.index("aggregate_norm")] == pytest.approx(0.6 * float(x[:3].mean(0).norm()), rel=1e-12)
