@@ -272,6 +272,12 @@ def reconstruct_cmd(
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Model normalises inputs with the dataset's mean/std, as dpbr train's models do; --no-normalize = DLG's original LeNet on raw [0, 1] pixels (state initial only)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images in the attacked batch (1 … 1000)."),
     defence: str = typer.Option("none", "--defence", help="Defence applied to the shared gradient (a privacy-mechanism spec): none, 'gaussian(sigma=0.01)', 'gaussian(epsilon=0.2,delta=1e-06,clip=0.01,batch_size=1)', 'sparsify(p=0.2)', 'quantize(bits=8,kind=uniform)', 'quantize(kind=sign)', 'clip(c=1)+gaussian(sigma=0.1)'."),
+    epsilon: Optional[str] = typer.Option(None, "--epsilon", help="Instead of --defence, a training privacy setting at the attacked batch size: the Gaussian mechanism's epsilon in (0, 1) (needs --clip; the noise sigma = (2C/b)·sqrt(2 ln(1.25/delta))/epsilon of Guerraoui et al. 2021, arXiv 2102.08166)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="With --epsilon: delta in (0, 1) [default 1e-6]."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="With the training privacy options: clip the batch gradient to norm C before the rest [default: no clipping]."),
+    clip_mode: Optional[str] = typer.Option(None, "--clip-mode", help="With --clip: batch (the only mode here: the attack sees one batch gradient)."),
+    sparsify: Optional[str] = typer.Option(None, "--sparsify", help="Training privacy setting: zero this fraction of smallest-magnitude coordinates, e.g. 0.25."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Training privacy setting: a quantizer as in dpbr train --quantize, e.g. 'uniform(bits=8)'."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Labels: soft (optimised; dlg), infer (iDLG rule), known [default: soft for dlg, infer for idlg, known for ig]."),
     iterations: Optional[int] = typer.Option(None, "--iterations", help="L-BFGS steps (dlg, idlg; one step = one torch.optim.LBFGS.step with max_iter 20) or Adam iterations (ig) [default: 300; ig 4800]."),
     restarts: int = typer.Option(1, "--restarts", help="Independent restarts, optimised together; the one with the smallest final gradient distance is scored."),
@@ -291,7 +297,8 @@ def reconstruct_cmd(
 
     spec = ReconSpec.create(attack=attack, model=model, dataset=dataset, normalize=normalize, state=state, batch_size=batch_size,
                             defence=defence, labels=labels, iterations=iterations, restarts=restarts, lr=lr, tv=tv,
-                            seed=seed)
+                            seed=seed, epsilon=epsilon, delta=delta, clip=clip, clip_mode=clip_mode, sparsify=sparsify,
+                            quantize=quantize)
     target = out if out is not None else spec.path("results")
     from dpbr.jobs.reconstruct import reconstruct  # torch: after the options are checked
 

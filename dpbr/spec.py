@@ -573,6 +573,9 @@ class ReconSpec(CellSpec):
     MODELS: ClassVar[tuple[str, ...]] = ("lenet", "cnn", "resnet")
     MAX_BATCH: ClassVar[int] = 1000
     MAX_RESTARTS: ClassVar[int] = 1024
+    #: Training privacy options ``create`` also takes (instead of ``defence``): the defence is then the
+    #: training cell's mechanism pipeline at the attacked batch size (:meth:`_training_defence`).
+    PRIVACY_OPTIONS: ClassVar[tuple[str, ...]] = PrivacySpec.COLUMNS
 
     @classmethod
     def create(cls, **options: Any) -> "ReconSpec":
@@ -589,6 +592,8 @@ class ReconSpec(CellSpec):
         from dpbr import data
         from dpbr.privacy import mechanisms
 
+        options = dict(options)
+        privacy_options = {k: options.pop(k) for k in cls.PRIVACY_OPTIONS if k in options}
         given = _option_reader(cls, options, none_is_default=True)
         attack = _choice(given("attack", cls.attack), "attack", list(cls.ATTACKS))
         defaults = cls.DEFAULTS[attack]
@@ -614,6 +619,12 @@ class ReconSpec(CellSpec):
                                             "--no-normalize needs --state initial")
 
         defence_raw = given("defence", None)
+        batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1, high=cls.MAX_BATCH)
+        if any(v is not None for v in privacy_options.values()):
+            if defence_raw is not None and str(defence_raw).strip().lower() not in ("none", "null", ""):
+                raise UsageError("--defence", "give either --defence or a training privacy setting "
+                                              "(--epsilon, --delta, --clip, --clip-mode, --sparsify, --quantize), not both")
+            defence_raw = cls._training_defence(privacy_options, batch_size)
         defence = None
         if defence_raw is not None and str(defence_raw).strip().lower() not in ("none", "null", ""):
             try:
@@ -622,7 +633,6 @@ class ReconSpec(CellSpec):
                 raise UsageError("--defence", exc.message) from None
             defence = None if mech.name == "none" else mech.name
 
-        batch_size = _int(given("batch_size", cls.batch_size), "batch_size", low=1, high=cls.MAX_BATCH)
         if info.train_size is not None and batch_size > info.train_size:
             raise UsageError("--batch-size", f"{batch_size} exceeds the {info.train_size} training images of {dataset}")
         iterations = _int(given("iterations", defaults["iterations"]), "iterations", low=1)
@@ -632,6 +642,28 @@ class ReconSpec(CellSpec):
         seed = _int(given("seed", cls.seed), "seed", low=0)
         return cls(dataset=dataset, model=model, normalize=normalize, state=state, attack=attack, labels=labels, defence=defence,
                    batch_size=batch_size, iterations=iterations, restarts=restarts, lr=lr, tv=tv, seed=seed)
+
+    @staticmethod
+    def _training_defence(options: Mapping[str, Any], batch_size: int) -> str | None:
+        """The mechanism pipeline of a training privacy setting at the attacked batch size.
+
+        ``--epsilon 0.2 --clip 0.01`` gives ``clip(c=0.01,mode=batch)+gaussian(batch_size=b,clip=0.01,
+        delta=1e-06,epsilon=0.2)``: the gradient a training worker with that setting sends, for the
+        attacked batch of ``b`` images. No clipping unless ``--clip`` is given (training's default
+        norm is a model default; an attack on an unclipped gradient is the usual DLG setting).
+        Per-example clipping is refused: the attack sees one batch gradient.
+        """
+        given = lambda name, default: options.get(name) if options.get(name) is not None else default  # noqa: E731
+        privacy = PrivacySpec.create(given, batch_size=batch_size, default_clip=None)
+        if privacy.clip is not None and privacy.clip_mode != "batch":
+            raise UsageError("--clip-mode", "reconstruct attacks one batch gradient: allowed: batch")
+        return privacy.mechanism_spec()
+
+    @property
+    def privacy(self) -> PrivacySpec | None:
+        """The defence as a training privacy setting (:meth:`PrivacySpec.from_mechanism_spec`, at this
+        cell's batch size), or None when no training setting is this pipeline (``gaussian(sigma=…)``)."""
+        return PrivacySpec.from_mechanism_spec(self.defence, batch_size=self.batch_size)
 
     # -- naming -------------------------------------------------------------------------------- #
 

@@ -420,3 +420,16 @@ def test_user_facing_text_cites_no_internal_documents():
                 if _INTERNAL.search(line):
                     found.append(f"{path.relative_to(REPO)}:{i}: {line.strip()[:100]}")
     assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(("extra", "option", "says"), [
+    (["--epsilon", "0.2", "--clip", "0.01", "--defence", "sparsify(p=0.1)"], "--defence", "not both"),
+    (["--epsilon", "0.2"], "--clip", "required with --epsilon"),
+    (["--clip", "1", "--clip-mode", "per-example"], "--clip-mode", "allowed: batch"),
+    (["--epsilon", "2", "--clip", "1"], "--epsilon", ""),
+])
+def test_reconstruct_training_privacy_options(extra, option, says, tmp_path, capsys):
+    out = tmp_path / "r.parquet"
+    assert_one_line_error(["reconstruct", "--dataset", "synthetic(n=40,n_test=20)", "--iterations", "1",
+                           "--out", out, "--quiet", *extra], option, capsys, says=says)
+    assert not out.exists()

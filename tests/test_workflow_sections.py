@@ -203,9 +203,29 @@ def test_recon_spec_command_line_round_trips_through_the_cli(tmp_path, capsys):
     ("quantize(bits=8,kind=uniform)", "quantize=uniform(bits=8)"),
     ("gaussian(sigma=0.01)", None),
     ("clip(c=1)+gaussian(sigma=0.1)", None),
+    # the whole training pipeline, as `dpbr reconstruct --epsilon … --clip …` writes it
+    ("clip(c=0.01,mode=batch)+gaussian(batch_size=4,clip=0.01,delta=1e-06,epsilon=0.5)+sparsify(p=0.1)",
+     "ε=0.5 + sparsify=0.1"),
+    ("sparsify(p=0.2)+clip(c=1)", None),        # not the training order
+    ("clip(c=1)+quantize(kind=sign)", "quantize=sign"),
 ])
 def test_defence_maps_to_the_training_privacy_label(defence, label):
     assert inversion_report.defence_privacy(defence) == label
+
+
+def test_reconstruct_takes_a_training_privacy_setting():
+    """``--epsilon/--clip`` give the training cell's pipeline at the attacked batch size, and the
+    reconstruction's privacy label is the training cell's."""
+    recon = ReconSpec.create(dataset=IMAGES, model="lenet", batch_size=4, epsilon=0.2, clip=0.01)
+    assert recon.defence == "clip(c=0.01,mode=batch)+gaussian(batch_size=4,clip=0.01,delta=1e-06,epsilon=0.2)"
+    train = RunSpec.create(dataset="synthetic(d=8,classes=2,n=400,n_test=40)", model="logit", epsilon=0.2,
+                           clip=0.01, batch_size=4)
+    assert recon.privacy.label() == train.privacy.label() == "ε=0.2"
+    assert recon.privacy.mechanism_spec() == recon.defence
+    # a raw mechanism has no training setting
+    assert ReconSpec.create(dataset=IMAGES, model="lenet", defence="gaussian(sigma=0.01)").privacy is None
+    plain = ReconSpec.create(dataset=IMAGES, model="lenet")
+    assert plain.defence is None and plain.privacy.label() == "none"
 
 
 def _image_rows(psnrs: list[float], **fields) -> pd.DataFrame:

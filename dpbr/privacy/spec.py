@@ -5,7 +5,10 @@ A :class:`PrivacySpec` is built once from command-line options or a configuratio
 setting: the mechanism objects (:meth:`~PrivacySpec.after_clip_mechanism`; the clipping norm
 :attr:`~PrivacySpec.clip` and :attr:`~PrivacySpec.clip_mode` are separate, because the simulation clips
 inside the gradient computation), the mechanism spec text recorded with results, the Parquet columns
-(:meth:`~PrivacySpec.columns`) and the human label (:func:`privacy_label`).
+(:meth:`~PrivacySpec.columns`) and the human label (:func:`privacy_label`). Training (``RunSpec``) and VN
+(``VNSpec``) cells hold one; a reconstruction (``ReconSpec``) cell's defence pipeline maps back to one
+where a training setting is that pipeline (:meth:`PrivacySpec.from_mechanism_spec`), so the three share
+one label.
 
 The pipeline is the classic Gaussian mechanism on the clipped gradient of Guerraoui et al. 2021
 (arXiv 2102.08166), optionally followed by magnitude sparsification and quantization
@@ -153,6 +156,56 @@ class PrivacySpec:
                 label = _quantize_label(str(raw).strip())
         return cls(epsilon=epsilon, delta=delta, clip=clip, clip_mode=clip_mode, sparsify=sparsify,
                    quantize=label, batch_size=batch_size)
+
+    @classmethod
+    def from_mechanism_spec(cls, text: str | None, *, batch_size: int = 1) -> "PrivacySpec | None":
+        """The setting a mechanism pipeline expresses, or None when no training setting does.
+
+        ``dpbr reconstruct --defence`` takes any :mod:`dpbr.privacy.mechanisms` pipeline; the ones that
+        are a training cell's privacy setting — an optional ``clip(c, mode)``, then optionally the
+        calibrated ``gaussian(epsilon, delta, clip, batch_size)``, ``sparsify(p)`` and ``quantize(...)``,
+        in that order — map back to a :class:`PrivacySpec` so that a reconstruction and a training cell
+        share one label (:meth:`label`). ``None``/``"none"`` is the empty setting; a ``gaussian`` given
+        by its ``sigma``, a composition in another order or any other mechanism gives None. A calibrated
+        ``gaussian`` without a ``clip`` term still maps to its ε (the noise is what the setting adds;
+        what the attacked gradient's norm was is the defence's business).
+
+        Raises
+        ------
+        UsageError
+            When ``text`` is not a valid mechanism spec (named ``--defence``).
+        """
+        if text is None or str(text).strip().lower() in ("none", "null", "", "nan"):
+            return cls(batch_size=batch_size)
+        terms = parse(str(text), option="--defence")
+        stages = ("clip", "gaussian", "sparsify", "quantize")
+        fields: dict[str, Any] = {"batch_size": batch_size}
+        last = -1
+        for name, params in terms:
+            if name not in stages or stages.index(name) <= last:
+                return None
+            last = stages.index(name)
+            params = dict(params)
+            if name == "clip":
+                if set(params) - {"c", "mode"} or "c" not in params:
+                    return None
+                fields["clip"] = float(params["c"])
+                fields["clip_mode"] = str(params.get("mode", "batch"))
+            elif name == "gaussian":
+                if "epsilon" not in params or "sigma" in params:
+                    return None
+                fields["epsilon"] = float(params["epsilon"])
+                fields["delta"] = float(params.get("delta", cls.delta))
+                fields.setdefault("clip", float(params["clip"]) if "clip" in params else None)
+                fields["batch_size"] = int(params.get("batch_size", batch_size))
+            elif name == "sparsify":
+                if set(params) != {"p"}:
+                    return None
+                fields["sparsify"] = float(params["p"]) or None
+            else:
+                kind = str(params.pop("kind", "uniform"))
+                fields["quantize"] = format_term(kind, params)
+        return cls(**fields)
 
     # -- derived views ------------------------------------------------------------------------- #
 

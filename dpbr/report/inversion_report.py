@@ -28,8 +28,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from dpbr.errors import UsageError
-from dpbr.registry import format_term, parse
-from dpbr.privacy.spec import privacy_label
+from dpbr.privacy.spec import PrivacySpec
 from dpbr.io import check_folder, write_csv, write_parquet
 from dpbr.report.inputs import read_frame, read_train_final
 from dpbr.report.charts import note_chart, save_chart
@@ -103,25 +102,14 @@ def reconstruction_table(rows: pd.DataFrame) -> pd.DataFrame:
 def defence_privacy(defence: str | None) -> str | None:
     """The training grid's privacy label of a defence, or None when training has no such setting.
 
-    ``none`` → ``none``; ``gaussian(…, epsilon=ε)`` → ``ε=…`` (the study's mechanism, whatever its
-    clip, δ and batch size); ``sparsify(p=P)`` → ``sparsify=P``; ``quantize(kind=K, …)`` → the
-    ``--quantize`` label ``K(…)``. Anything else (``gaussian(sigma=…)``, compositions) → None.
+    The defence's mechanism pipeline read as a training setting
+    (:meth:`dpbr.privacy.spec.PrivacySpec.from_mechanism_spec`) and labelled as training labels it
+    (:meth:`~dpbr.privacy.spec.PrivacySpec.label`): ``none`` → ``none``; ``gaussian(…, epsilon=ε)``,
+    with or without a ``clip`` before it → ``ε=…``; ``sparsify(p=P)`` → ``sparsify=P``;
+    ``quantize(kind=K, …)`` → ``quantize=K(…)``. ``gaussian(sigma=…)`` and other pipelines → None.
     """
-    if defence is None or str(defence) in ("none", "nan", ""):
-        return "none"
-    terms = parse(str(defence), option="--defence")
-    if len(terms) != 1:
-        return None
-    name, params = terms[0]
-    if name == "gaussian" and "epsilon" in params:
-        return privacy_label(float(params["epsilon"]), None)
-    if name == "sparsify" and "p" in params and len(params) == 1:
-        return privacy_label(None, float(params["p"]))
-    if name == "quantize":
-        params = dict(params)
-        kind = str(params.pop("kind", "uniform"))
-        return privacy_label(None, None, format_term(kind, params))
-    return None
+    privacy = PrivacySpec.from_mechanism_spec(defence)
+    return None if privacy is None else privacy.label()
 
 
 def _panel(frame: pd.DataFrame) -> pd.Series:

@@ -110,6 +110,9 @@ class Simulation:
         from dpbr.robust import aggregators, attacks
 
         self.spec = spec
+        #: the cell's privacy setting: the clipping norm and mode the simulation applies itself, and
+        #: the mechanisms after clipping (:class:`~dpbr.privacy.spec.PrivacySpec`)
+        self.privacy = spec.privacy
         self.data = dataset
         self.device = device
         self.dtype = torch.float32
@@ -126,14 +129,15 @@ class Simulation:
         self.logistic = (LogisticGradients(self.model, dataset.x_train, dataset.y_train)
                          if self.strategy == "closed-form" and LogisticGradients.applies(self.model) else None)
         # the fast path computes batch-mode (or no) clipping; per-example clipping needs the oracle
-        self._fast_logistic = self.logistic is not None and (spec.clip is None or spec.clip_mode == "batch")
+        self._fast_logistic = self.logistic is not None and (self.privacy.clip is None
+                                                                or self.privacy.clip_mode == "batch")
         self.correct = functools.partial(models.correct, spec.model)
         self.loss = models.loss(spec.model)
         self.rule = aggregators.get(spec.gar)
         self.attack = attacks.get(spec.attack)
         # Clipping is applied by the simulation itself (batch mode on rows, per-example inside the
         # oracle); the rest of the pipeline (noise, sparsification, quantization) runs on the rows.
-        self.mechanism = spec.privacy.after_clip_mechanism()
+        self.mechanism = self.privacy.after_clip_mechanism()
         self.noise_sigma = float(getattr(self.mechanism, "sigma", 0.0) or 0.0) if self.mechanism else 0.0
         h, f_real = spec.honest, spec.byzantine_real
         self.h, self.f_real = h, f_real
@@ -176,21 +180,20 @@ class Simulation:
     def _raw_gradients(self, x: Tensor, y: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Per-worker gradients ``(h, d)`` (written to ``out`` when given) and losses ``(h,)``: clipped
         per example in that mode (inseparable from the computation), otherwise not clipped yet."""
-        spec = self.spec
         if self._fast_logistic:
             return self.logistic(x, y, out=out)  # type: ignore[misc]
-        if spec.clip is not None and spec.clip_mode == "per-example":
-            grads, losses = self.oracle.clipped_per_example_gradients(x, y, spec.clip)
+        if self.privacy.clip is not None and self.privacy.clip_mode == "per-example":
+            grads, losses = self.oracle.clipped_per_example_gradients(x, y, self.privacy.clip)
             return (grads if out is None else out.copy_(grads)), losses
         raw, losses = self.oracle.batch_gradients(x, y, out=out)
         return (raw if out is None or raw is out else out.copy_(raw)), losses
 
     def _clip(self, grads: Tensor) -> Tensor:
         """Clip each row of ``grads`` (a buffer of the simulation's) to norm ``C`` in place (batch mode)."""
-        if self.spec.clip is not None and self.spec.clip_mode == "batch":
+        if self.privacy.clip is not None and self.privacy.clip_mode == "batch":
             from dpbr.privacy.mechanisms import clip_rows
 
-            clip_rows(grads, self.spec.clip, out=grads)
+            clip_rows(grads, self.privacy.clip, out=grads)
         return grads
 
     def _own_gradients(self, idx: Tensor, labels: Tensor | None = None,
