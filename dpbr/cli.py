@@ -114,44 +114,100 @@ def train_cmd(
     clip: Optional[str] = typer.Option(None, "--clip", help="Clipping norm C; 'none' disables clipping [default: the model's, 0.01]."),
     clip_mode: str = typer.Option("batch", "--clip-mode", help="Clip each worker's mini-batch gradient (batch, the study's) or each example (per-example, DP-SGD)."),
     sparsify: str = typer.Option("none", "--sparsify", help="Zero this fraction of smallest-magnitude coordinates (per sign), e.g. 0.25; 'none'. With --epsilon too, it sparsifies the noised gradient (order: clip, noise, sparsify, quantize), which keeps the noise's (epsilon, delta) guarantee."),
-    quantize: str = typer.Option("none", "--quantize", help="Quantizer: none, 'uniform(bits=8)', 'stochastic(bits=4)', 'sign', 'qsgd(levels=16)'."),
+    quantize: str = typer.Option("none", "--quantize", help="Quantizer: none, 'uniform(bits=8)', 'stochastic(bits=4)', 'sign', 'qsgd(levels=16)', 'fp16', 'bf16', 'log2(bits=4,rounding=nearest)', 'kmeans(levels=16,iterations=20)', 'fixed(int_bits=3,frac_bits=12,rounding=nearest)' (rounding: nearest or stochastic)."),
     partition: str = typer.Option("iid", "--partition", help="Worker data: iid, shards (label-sorted), 'dirichlet(alpha=0.5)'."),
     worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (worker momentum as in Karimireddy, He, Jaggi 2022, arXiv 2006.09365); 0 = none."),
-    seed: int = typer.Option(1, "--seed", help="Seed of every random stream of the run."),
+    seed: str = typer.Option("1", "--seed", help="Seed of every random stream of the run; several seeds run in one process, one file each: '1-5', '1,2,3', '1-3,7'."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output Parquet file [default: results/train/<cell id>.parquet]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output Parquet file; '{seed}' in it is replaced by the seed (required with several seeds) [default: results/train/<cell id>.parquet]."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads [default: torch's]."),
     grad_strategy: str = typer.Option("auto", "--grad-strategy", help="How honest gradients are computed: auto, closed-form (logit), loop, vmap."),
     chunk: int = typer.Option(64, "--chunk", help="Examples per chunk of per-example gradients (memory bound)."),
     checkpoint_steps: Optional[str] = typer.Option(None, "--checkpoint-steps", help="Save parameters at these steps, e.g. '0,500,1000' (for dpbr vn / reconstruct)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Folder of checkpoints [default: <out without .parquet>.ckpt]."),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Folder of checkpoints; '{seed}' is replaced by the seed (required with several seeds) [default: <out without .parquet>.ckpt]."),
+    batch: str = typer.Option("auto", "--batch", help="Several seeds: auto (one batched simulation where the engine supports the cell), on (always batched), off (one seed after another)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
-    """Run one simulated parameter-server cell on real data and write one Parquet row per step."""
+    """Run one simulated parameter-server cell on real data and write one Parquet row per step (one file per seed)."""
+    from dpbr.jobs.bundles import BATCH_MODES, CellJob, parse_seeds, seed_path
     from dpbr.spec import RunSpec
 
+    seeds = parse_seeds(seed, "--seed")
+    several = len(seeds) > 1
+    if batch not in BATCH_MODES:
+        raise UsageError("--batch", f"unknown mode {batch!r}; allowed: {', '.join(BATCH_MODES)}")
     options: dict[str, Any] = dict(
         dataset=dataset, model=model, workers=workers, byzantine=byzantine, batch_size=batch_size, steps=steps,
         eval_every=eval_every, gar=gar, attack=attack, epsilon=epsilon, delta=delta, clip_mode=clip_mode,
-        sparsify=sparsify, quantize=quantize, partition=partition, worker_momentum=worker_momentum, seed=seed,
+        sparsify=sparsify, quantize=quantize, partition=partition, worker_momentum=worker_momentum,
     )
     for key, value in (("byzantine_real", byzantine_real), ("lr", lr), ("momentum", momentum), ("clip", clip)):
         if value is not None:
             options[key] = value
-    spec = RunSpec.create(**options)  # before importing torch: a bad option is reported at once
-    target = out if out is not None else spec.path("results")
+    specs = [RunSpec.create(**options, seed=s) for s in seeds]  # before importing torch: a bad option is reported at once
     ckpts = _steps_list(checkpoint_steps, "--checkpoint-steps")
-    from dpbr.jobs.train import train  # torch: after the options are checked
+    cells = [CellJob(spec, seed_path(out, spec.seed, several, "--out") or spec.path("results"), ckpts,
+                     seed_path(checkpoint_dir, spec.seed, several and bool(ckpts), "--checkpoint-dir"))
+             for spec in specs]
+    from dpbr.jobs.train import train, train_many  # torch: after the options are checked
 
-    update, close = make_progress(f"train {spec.gar}/{spec.attack} b={spec.batch_size}", spec.steps, quiet)
+    spec = specs[0]
+    shown = f" seeds {seed}" if several else ""
+    update, close = make_progress(f"train {spec.gar}/{spec.attack} b={spec.batch_size}{shown}",
+                                  spec.steps * len(specs), quiet)
     try:
-        path = train(spec, out=target, data_dir=data_dir, device=device, threads=threads, strategy=grad_strategy,
-                     chunk=chunk, checkpoint_steps=ckpts, checkpoint_dir=checkpoint_dir, progress=update)
+        if not several:
+            paths = [train(spec, out=cells[0].out, data_dir=data_dir, device=device, threads=threads,
+                           strategy=grad_strategy, chunk=chunk, checkpoint_steps=ckpts,
+                           checkpoint_dir=cells[0].checkpoint_dir, progress=update)]
+        else:
+            report = train_many(cells, data_dir=data_dir, device=device, threads=threads, strategy=grad_strategy,
+                                chunk=chunk, batch=batch, progress=update, keep_going=False)
+            paths = report.paths
     finally:
         close()
     if not quiet:
-        print(f"wrote {path}", file=sys.stderr)
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
+
+
+@app.command("train-many")
+def train_many_cmd(
+    cells_file: str = typer.Argument(..., metavar="CELLS", help="YAML (or JSON) list of cells, '-' = standard input: each a mapping of train options as in the workflow's train grid (gar, epsilon, batch_size, seed, ...) and optionally out, checkpoint_steps, checkpoint_dir."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
+    data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
+    root: Path = typer.Option(Path("results"), "--root", help="Results folder of cells without 'out' (<root>/train/<cell id>.parquet)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="Torch CPU threads [default: torch's]."),
+    grad_strategy: str = typer.Option("auto", "--grad-strategy", help="How honest gradients are computed: auto, closed-form (logit), loop, vmap."),
+    chunk: int = typer.Option(64, "--chunk", help="Examples per chunk of per-example gradients (memory bound)."),
+    batch: str = typer.Option("auto", "--batch", help="auto (compatible cells as one batched simulation where the engine supports them), on (always batched), off (one cell after another)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
+) -> None:
+    """Run a list of training cells in one process (compatible ones batched) and write one Parquet file per cell.
+
+    Every cell is checked before the first runs (nothing is written if one is wrong). A cell whose run
+    fails does not stop the others: their files are written, then the command exits with code 1 and
+    one line naming the failed cell.
+    """
+    from dpbr.jobs.bundles import read_cells
+
+    cells = read_cells(cells_file, root)
+    from dpbr.jobs.train import train_many  # torch: after the cells are checked
+
+    update, close = make_progress(f"train-many {len(cells)} cells", sum(c.spec.steps for c in cells), quiet)
+    try:
+        report = train_many(cells, data_dir=data_dir, device=device, threads=threads, strategy=grad_strategy,
+                            chunk=chunk, batch=batch, progress=update)
+    finally:
+        close()
+    if not quiet:
+        for path in report.paths:
+            if path is not None:
+                print(f"wrote {path}", file=sys.stderr)
+    if report.failures:
+        print(f"dpbr: error: {report.summary(cells)}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------------------------- #

@@ -99,8 +99,10 @@ def gram(X: Tensor, *, dtype: torch.dtype | None = None, sum_dtype: torch.dtype 
     Tensor[n, n]
         On ``X``'s device, of dtype ``sum_dtype`` (or the products' dtype).
     """
+    if X.dim() == 3:
+        return _gram_batch(X, dtype=dtype, sum_dtype=sum_dtype)
     if X.dim() != 2:
-        raise ValueError(f"gram: expected an (n, d) tensor, got shape {tuple(X.shape)}")
+        raise ValueError(f"gram: expected an (n, d) tensor or an (S, n, d) batch, got shape {tuple(X.shape)}")
     n, d = X.shape
     if dtype is not None and dtype != X.dtype:
         K = torch.zeros(n, n, dtype=sum_dtype or dtype, device=X.device)
@@ -123,10 +125,53 @@ def gram(X: Tensor, *, dtype: torch.dtype | None = None, sum_dtype: torch.dtype 
     return K
 
 
+#: Alignment in bytes of torch's CPU allocations (``c10::gAlignment``), hence of every fresh tensor.
+_ALIGN = 64
+
+
+def _gram_batch(X: Tensor, *, dtype: torch.dtype | None, sum_dtype: torch.dtype | None) -> Tensor:
+    """:func:`gram` of each slice of an ``(S, n, d)`` batch, ``(S, n, n)``.
+
+    On the CPU each slice's Gram matrix is the 2-D :func:`gram` of that slice (one blocked BLAS
+    product per slice, stacked), so that it equals the 2-D result on a fresh ``(n, d)`` tensor bit for
+    bit: a batched GEMM rounds differently from the single product, and so does a single product on
+    a slice whose address is not aligned as a fresh allocation is (BLAS kernels pick their path by
+    alignment) — such slices are copied first. On other devices, one batched blocked product (same
+    blocks and the same order of their sums; equal to the 2-D result up to rounding).
+    """
+    S, n, d = X.shape
+    if X.device.type == "cpu" or (dtype is not None and dtype != X.dtype):
+        return torch.stack([
+            gram(x if x.data_ptr() % _ALIGN == 0 else x.clone(memory_format=torch.contiguous_format),
+                 dtype=dtype, sum_dtype=sum_dtype)
+            for x in X.unbind(0)
+        ])
+    return _gram_batched_product(X, sum_dtype)
+
+
+def _gram_batched_product(X: Tensor, sum_dtype: torch.dtype | None) -> Tensor:
+    """The blocked Gram matrices of an ``(S, n, d)`` float32/float64 batch as batched products."""
+    S, n, d = X.shape
+    main = d - d % GRAM_BLOCK
+    if main == 0:
+        K = torch.matmul(X, X.mT)
+        return K if sum_dtype is None else K.to(sum_dtype)
+    blocks = X[:, :, :main].reshape(S, n, main // GRAM_BLOCK, GRAM_BLOCK).transpose(1, 2)
+    K = torch.matmul(blocks, blocks.mT).sum(1, dtype=sum_dtype)
+    if main < d:
+        rest = X[:, :, main:]
+        K = torch.baddbmm(K, rest, rest.mT) if K.dtype == X.dtype else K + torch.matmul(rest, rest.mT).to(K.dtype)
+    return K
+
+
 def squared_distances(K: Tensor) -> Tensor:
-    """The pairwise squared distances ``D2`` of :func:`sqdist`, without the finite-row mask."""
-    sq = K.diagonal()
-    return torch.add(sq.unsqueeze(1), sq).sub_(K + K.T).clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf)
+    """The pairwise squared distances ``D2`` of :func:`sqdist`, without the finite-row mask (``K`` may
+    carry leading batch dimensions)."""
+    if K.dim() == 2:
+        sq = K.diagonal()
+        return torch.add(sq.unsqueeze(1), sq).sub_(K + K.T).clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf)
+    sq = K.diagonal(dim1=-2, dim2=-1)
+    return torch.add(sq.unsqueeze(-1), sq.unsqueeze(-2)).sub_(K + K.mT).clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 def sqdist(K: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +193,7 @@ def sqdist(K: Tensor) -> tuple[Tensor, Tensor]:
         ``True`` for rows whose (doubled) squared norm is finite.
     """
     D2 = squared_distances(K)
-    return D2, D2.diagonal() == 0
+    return D2, (D2.diagonal() if D2.dim() == 2 else D2.diagonal(dim1=-2, dim2=-1)) == 0
 
 
 def combine(W: Tensor, X: Tensor, finite: Tensor) -> Tensor:
@@ -159,7 +204,12 @@ def combine(W: Tensor, X: Tensor, finite: Tensor) -> Tensor:
     index is replaced by that of a finite row (its weight 0 stays 0), so non-finite rows are never
     read and ``X`` is never copied — at ``d = 10⁷`` about 4× faster than masking a copy first.
     ``W`` is ``(n,)`` (result ``(d,)``) or ``(m, n)`` (result ``(m, d)``); it is cast to ``X``'s dtype.
+    For a batch, ``X`` is ``(S, n, d)``, ``finite`` ``(S, n)`` and ``W`` ``(S, n)`` or ``(S, m, n)``
+    (result ``(S, d)`` or ``(S, m, d)``): one ``embedding_bag`` over the flattened rows, each bag the
+    same weighted sum as the 2-D call on its slice.
     """
+    if X.dim() == 3:
+        return _combine_batch(W, X, finite)
     n = X.shape[0]
     arange = torch.arange(n, device=X.device)
     idx = torch.where(finite, arange, finite.to(torch.uint8).argmax())
@@ -170,13 +220,36 @@ def combine(W: Tensor, X: Tensor, finite: Tensor) -> Tensor:
     return out.reshape(*W.shape[:-1], X.shape[1])
 
 
+def _combine_batch(W: Tensor, X: Tensor, finite: Tensor) -> Tensor:
+    """:func:`combine` of each slice of an ``(S, n, d)`` batch (see there)."""
+    S, n, d = X.shape
+    arange = torch.arange(n, device=X.device)
+    idx = torch.where(finite, arange, finite.to(torch.uint8).argmax(-1, keepdim=True))
+    idx = idx + torch.arange(0, S * n, n, device=X.device).unsqueeze(1)  # rows of the flattened batch
+    W2 = W.reshape(S, -1, n).to(X.dtype)
+    m = W2.shape[1]
+    offsets = torch.arange(0, S * m * n, n, device=X.device)
+    bags = idx.unsqueeze(1).expand(S, m, n).reshape(-1)
+    out = torch.embedding_bag(X.reshape(S * n, d), bags, offsets, False, 0, False, W2.reshape(-1))[0]
+    return out.reshape(*W.shape[:-1], d)
+
+
 def mean_rows(X: Tensor, rows: Tensor) -> Tensor:
     """Mean of the rows ``rows`` of ``X`` (``(d,)``): their sum in the order given, divided by their
     number, reading only those rows and copying nothing (``embedding_bag``; 5× faster than
     ``index_select`` + ``mean`` at ``d = 10⁷``). The ATen op is called directly (the
     ``torch.nn.functional`` wrapper's argument checks cost more than the op itself at small ``d``),
     in "sum" mode followed by the division — bit-identical to its "mean" mode (checked on 2,000
-    random cases), which is 4× slower on the CPU for small inputs."""
+    random cases), which is 4× slower on the CPU for small inputs.
+
+    For a batch, ``X`` is ``(S, n, d)`` and ``rows`` ``(S, m)``: the ``(S, d)`` means of each slice's
+    rows, one bag per slice of the same ``embedding_bag``."""
+    if X.dim() == 3:
+        S, n, d = X.shape
+        m = rows.shape[-1]
+        idx = (rows + torch.arange(0, S * n, n, device=rows.device).unsqueeze(1)).reshape(-1)
+        offsets = torch.arange(0, S * m, m, device=rows.device)
+        return torch.embedding_bag(X.reshape(S * n, d), idx, offsets, False, 0)[0].div_(m)
     idx = rows.reshape(-1)
     # mode "sum", then the division: the same bits as mode "mean", whose CPU kernel is 4× slower
     return torch.embedding_bag(X, idx, _zero_offset(idx.device), False, 0)[0][0].div_(idx.shape[0])
@@ -242,7 +315,13 @@ def sorted_rows(X: Tensor) -> list[Tensor]:
     one ``(n + 1) × d`` buffer — the copy that also maps NaN to ``+inf``, plus one spare row the
     compare-exchanges rotate through — so it allocates nothing per step (at ``d = 10⁷`` every fresh
     40 MB row would cost page faults).
+
+    For an ``(S, n, d)`` batch the rows are ``(S, d)`` tensors: the columns of all slices are sorted as
+    one ``(n, S·d)`` matrix (the values of each column are exactly those the 2-D call sorts), see
+    :func:`_sorted_rows_batch`.
     """
+    if X.dim() == 3:
+        return _sorted_rows_batch(X)
     n, d = X.shape
     if X.device.type != "cpu" or d < NETWORK_MIN_COLUMNS or n < 2:
         return list(nan_as_posinf(X).sort(dim=0).values.unbind(0))
@@ -255,6 +334,39 @@ def sorted_rows(X: Tensor) -> list[Tensor]:
         torch.maximum(lo, hi, out=lo)
         rows[i], rows[j], spare = spare, lo, hi
     return rows
+
+
+def _sorted_rows_batch(X: Tensor) -> list[Tensor]:
+    """:func:`sorted_rows` of an ``(S, n, d)`` batch: ``n`` sorted rows of shape ``(S, d)``.
+
+    The slices are laid out as one ``(n, S·d)`` matrix (``n + 1`` rows with the spare of the sorting
+    network), written once by the NaN-mapping copy. With fewer than :data:`NETWORK_MIN_COLUMNS`
+    columns in all (or off the CPU), one ``torch.sort``; else the sorting network runs over column
+    chunks of ``max(d, NETWORK_MIN_COLUMNS)`` — the rows of one chunk stay in cache as those of a 2-D
+    call do, where whole ``S·d`` rows would not (5× slower at ``S = 5, d = 10⁵``). The network's
+    schedule does not depend on the data, so every chunk ends with its sorted rows in the same
+    buffer rows. Values are exact either way (sorts and min/max select, they do not round).
+    """
+    S, n, d = X.shape
+    cols = S * d
+    network = X.device.type == "cpu" and cols >= NETWORK_MIN_COLUMNS and n >= 2
+    buf = torch.empty((n + 1 if network else n, S, d), dtype=X.dtype, device=X.device)
+    torch.nan_to_num(X.transpose(0, 1), nan=math.inf, posinf=math.inf, neginf=-math.inf, out=buf[:n])
+    flat = buf.view(-1, cols)
+    if not network:
+        return [row.view(S, d) for row in flat.sort(dim=0).values.unbind(0)]
+    ids = list(range(n + 1))  # ids[i]: the buffer row holding sorted row i; ids[n]: the spare
+    chunk = max(d, NETWORK_MIN_COLUMNS)
+    for start in range(0, cols, chunk):  # a loop over column chunks, not over coordinates
+        rows = [flat[k, start:start + chunk] for k in range(n + 1)]
+        order, spare = list(range(n)), n
+        for i, j in sorting_network(n):
+            lo, hi = rows[order[i]], rows[order[j]]
+            torch.minimum(lo, hi, out=rows[spare])
+            torch.maximum(lo, hi, out=lo)
+            order[i], order[j], spare = spare, order[i], order[j]
+        ids = order
+    return [flat[k].view(S, d) for k in ids]
 
 
 def median_of_sorted(S: list[Tensor]) -> Tensor:
@@ -270,8 +382,14 @@ def coordinate_median(X: Tensor) -> Tensor:
     """Coordinate-wise median along dim 0 (NaN counted as ``+inf``; even ``n``: midpoint).
 
     Uses the sorting network where :func:`sorted_rows` would, else ``torch.median`` (odd ``n``) or two
-    ``torch.kthvalue`` (even ``n``), which select without a full sort.
+    ``torch.kthvalue`` (even ``n``), which select without a full sort. For an ``(S, n, d)`` batch,
+    the ``(S, d)`` medians along dim 1, the columns of all slices taken as one ``(n, S·d)`` matrix.
     """
+    if X.dim() == 3:
+        S, n, d = X.shape
+        if X.device.type == "cpu" and S * d >= NETWORK_MIN_COLUMNS and n > 1:
+            return median_of_sorted(_sorted_rows_batch(X))
+        return coordinate_median(X.transpose(0, 1).reshape(n, S * d)).view(S, d)
     n, d = X.shape
     if X.device.type == "cpu" and d >= NETWORK_MIN_COLUMNS and n > 1:
         return median_of_sorted(sorted_rows(X))

@@ -308,13 +308,37 @@ class RunSpec(CellSpec):
         """The cell's privacy setting: mechanisms, spec text and label (:class:`~dpbr.privacy.spec.PrivacySpec`)."""
         return _privacy_of(self)
 
+    #: Fields in which cells may differ and still run as one batched simulation
+    #: (:class:`dpbr.simulation.SeedBatch`), besides the attack's numeric ``factor``.
+    BATCH_SCALARS: ClassVar[tuple[str, ...]] = ("seed", "epsilon", "delta", "clip", "lr", "momentum", "worker_momentum")
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """What cells must share to run as one batched simulation: every field but :attr:`BATCH_SCALARS`,
+        the attack without a numeric ``factor``, and the structure the scalars imply (noise or none,
+        clipping or none, worker momentum or none). Two cells with equal keys run as members of one
+        :class:`~dpbr.simulation.SeedBatch`, each member's output equal to its run alone; the workflow
+        forms its bundles with the same key. No torch (the Snakefile plans bundles with it).
+        """
+        from dpbr.robust import attacks
+
+        atk = attacks.get(self.attack)
+        factor = atk.params.get("factor")
+        numeric = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+        attack = (atk.key, tuple(sorted((k, repr(v)) for k, v in atk.params.items() if k != "factor")),
+                  "number" if numeric else repr(factor))
+        shared = tuple((f.name, getattr(self, f.name)) for f in fields(self)
+                       if f.name not in self.BATCH_SCALARS and f.name != "attack")
+        return (*shared, ("attack", attack), ("noise", self.epsilon is not None), ("clipping", self.clip is not None),
+                ("worker_momentum", self.worker_momentum > 0))
+
     def label(self) -> str:
         """A short human label for plots: ``mda/little``."""
         return f"{self.gar}/{self.attack}"
 
 
-PARTITIONS: tuple[str, ...] = ("iid", "shards", "dirichlet")
-"""Worker data partitions: IID sampling from the whole set, label-sorted shards, Dirichlet(alpha)."""
+PARTITIONS: tuple[str, ...] = ("iid", "shards", "dirichlet", "longtail")
+"""Worker data partitions: IID sampling from the whole set, label-sorted shards, Dirichlet(alpha),
+long-tailed classes (``longtail(beta)``; :func:`dpbr.simulation.partitions.partition`)."""
 
 
 def _base(spec_text: str, option: str) -> str:

@@ -135,7 +135,8 @@ def test_label_map():
 
 def test_names():
     assert attacks.names() == sorted(
-        ["none", "nan", "inf", "little", "empire", "sign-flip", "gaussian", "bulyan-coordinate", "label-flip", "mimic"]
+        ["none", "nan", "inf", "little", "empire", "sign-flip", "gaussian", "bulyan-coordinate", "label-flip", "mimic",
+         "bit-flip"]
     )
 
 
@@ -228,7 +229,7 @@ def _call_kwargs(atk, H, f, seed=0):
 ALL_SPECS = [
     "none", "nan", "inf", "little", "little(factor=zmax)", "little(factor=optimal)", "empire",
     "empire(factor=optimal)", "sign-flip", "gaussian", "gaussian(identical=true,centred=true)",
-    "bulyan-coordinate", "bulyan-coordinate(factor=optimal)", "label-flip", "mimic", "mimic(target=auto)",
+    "bulyan-coordinate", "bulyan-coordinate(factor=optimal)", "label-flip", "bit-flip", "mimic", "mimic(target=auto)",
 ]
 # CUDA cases exist everywhere and say why they are skipped where no CUDA device is present
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),

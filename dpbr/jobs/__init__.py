@@ -8,7 +8,8 @@ and writes its files atomically with their metadata. The libraries never import 
 Modules
 -------
 :mod:`~dpbr.jobs.common`       device, torch threads (set and restored), seeding, data and model, metadata
-:mod:`~dpbr.jobs.train`        ``dpbr train``: one simulated cell → Parquet (+ checkpoints)
+:mod:`~dpbr.jobs.train`        ``dpbr train`` / ``train-many``: simulated cells → one Parquet each (+ checkpoints)
+:mod:`~dpbr.jobs.bundles`      seed lists, ``train-many`` cell files, the workflow's bundles (no torch)
 :mod:`~dpbr.jobs.vn`           ``dpbr vn``: cells × checkpoints → Parquet (+ minimal-b and η tables)
 :mod:`~dpbr.jobs.reconstruct`  ``dpbr reconstruct``: one gradient-inversion job → Parquet + PNG
 :mod:`~dpbr.jobs.checkpoints`  the checkpoint format of ``dpbr train``: writer, checksum, run id, loader

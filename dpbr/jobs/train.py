@@ -1,7 +1,9 @@
-"""``dpbr train``: run one cell and write its Parquet file (one row per step).
+"""``dpbr train`` and ``dpbr train-many``: run cells and write one Parquet file per cell (one row per step).
 
-This job joins the pieces — data, simulation, accounting, output — for one :class:`RunSpec`; the
-command line only parses options into a spec and calls :func:`train`.
+This job joins the pieces — data, simulation, accounting, output — for one :class:`RunSpec` or a
+list of them; the command line only parses options into specs and calls :func:`train` (one cell)
+or :func:`train_many` (several: the seeds of ``dpbr train --seed 1-5``, or a ``train-many`` list).
+Both go through the same checks, runs and writer.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,12 +21,13 @@ import pandas as pd
 from dpbr.errors import UsageError
 from dpbr.io import check_writable, write_parquet
 from dpbr.jobs import checkpoints
+from dpbr.jobs.bundles import BATCH_MODES, CellJob
 from dpbr.jobs.common import (check_choice, check_positive, load_dataset, resolve_device, run_metadata,
                               seed_everything, torch_threads)
-from dpbr.simulation import PHASES, STEP_COLUMNS, RunResult, Simulation
+from dpbr.simulation import PHASES, STEP_COLUMNS, RunResult, SeedBatch, Simulation
 from dpbr.spec import RunSpec
 
-__all__ = ["train", "records_frame", "composed_epsilon"]
+__all__ = ["BATCH_MODES", "ManyReport", "composed_epsilon", "records_frame", "train", "train_many"]
 
 #: Values of ``--grad-strategy`` (``auto``: :func:`dpbr.simulation.choose_strategy`).
 STRATEGIES = ("auto", "closed-form", "loop", "vmap")
@@ -95,52 +99,205 @@ def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", devi
     and swapped in whole when the run ends, so the folder holds this run's checkpoints only; the run
     id is recorded in ``out``'s metadata as ``checkpoint_run_id``. The metadata also holds
     ``honest_class_counts``: per honest worker, its number of training examples of each class.
+
+    This is :func:`train_many` with one cell (an error in the run is raised, not collected).
+    """
+    cell = CellJob(spec, Path(out), frozenset(checkpoint_steps),
+                   Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    report = train_many([cell], data_dir=data_dir, device=device, threads=threads, strategy=strategy, chunk=chunk,
+                        batch="off", progress=progress, keep_going=False)
+    return report.paths[0]  # type: ignore[return-value]
+
+
+@dataclass
+class ManyReport:
+    """What :func:`train_many` did: ``paths[i]`` is cell i's written file (None if it failed) and
+    ``failures`` lists ``(i, one-line reason)`` of the cells whose run failed."""
+
+    paths: list[Path | None]
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    def summary(self, cells: list[CellJob]) -> str:
+        """One line naming the first failed cell, its reason, and how many others failed."""
+        i, reason = self.failures[0]
+        more = f" (and {len(self.failures) - 1} more cells)" if len(self.failures) > 1 else ""
+        return f"cell {i} ({cells[i].out}) failed: {reason}{more}"
+
+
+def _check_cells(cells: list[CellJob]) -> list[Path | None]:
+    """Per cell: its output checked writable and its checkpoint folder (None without checkpoints)."""
+    several = len(cells) > 1
+    dirs: list[Path | None] = []
+    seen: dict[Path, str] = {}
+    for i, cell in enumerate(cells):
+        where = f"cell {i}: " if several else ""
+        try:
+            out = check_writable(cell.out, "--out")
+            ckpt_dir: Path | None = None
+            if cell.checkpoint_steps:
+                bad = sorted(s for s in cell.checkpoint_steps if s < 0 or s > cell.spec.steps)
+                if bad:
+                    raise UsageError("--checkpoint-steps", f"steps must lie in 0 .. {cell.spec.steps}, got {bad[0]}")
+                ckpt_dir = cell.checkpoint_dir if cell.checkpoint_dir is not None else out.with_suffix(".ckpt")
+                if ckpt_dir.resolve() == out.resolve():
+                    raise UsageError("--checkpoint-dir", f"{str(ckpt_dir)!r} must differ from --out")
+                checkpoints.check_destination(ckpt_dir, "--checkpoint-dir")
+        except UsageError as exc:
+            raise UsageError(f"{where}{exc.option}", exc.message) from None
+        for path, option in ((out, "--out"), (ckpt_dir, "--checkpoint-dir")):
+            if path is None:
+                continue
+            key = path.resolve()
+            if key in seen:
+                raise UsageError(f"{where}{option}", f"{str(path)!r} is also written by {seen[key]}")
+            seen[key] = f"cell {i}" if several else option
+        dirs.append(ckpt_dir)
+    return dirs
+
+
+def _groups(cells: list[CellJob], batch: str) -> list[tuple[list[int], bool]]:
+    """``(indices, batched)`` of the cells run together, in order of first appearance.
+
+    With ``batch`` off every cell runs alone with :class:`Simulation`. Otherwise cells with equal
+    :meth:`~dpbr.spec.RunSpec.batch_key` form a group, run by the batched engine when it has several cells
+    (or ``batch`` is on). Cells that save checkpoints run alone (the checkpoint writer follows one
+    run)."""
+    if batch == "off":
+        return [([i], False) for i in range(len(cells))]
+    groups: dict[Any, list[int]] = {}
+    for i, cell in enumerate(cells):
+        key = None if cell.checkpoint_steps else cell.spec.batch_key()
+        groups.setdefault(("alone", i) if key is None else ("batch", key), []).append(i)
+    return [(group, key[0] == "batch" and (len(group) > 1 or batch == "on")) for key, group in groups.items()]
+
+
+def train_many(cells: list[CellJob], *, data_dir: str | Path = "data", device: str = "auto",
+               threads: int | None = None, strategy: str = "auto", chunk: int = 64, batch: str = "auto",
+               progress: Callable[[int, int, float | None], None] | None = None,
+               keep_going: bool = True) -> ManyReport:
+    """Run several cells in this process and write each one's Parquet file as :func:`train` does.
+
+    Every cell is checked before the first runs (outputs, checkpoints, options, and each dataset,
+    loaded once per dataset, against the cells' batch sizes): a problem raises :class:`UsageError`
+    and nothing is written. Then the cells run in groups: with ``batch`` ``auto`` the cells that
+    :func:`dpbr.simulation.batch.group_key` finds compatible run as one batched problem
+    (:class:`~dpbr.simulation.batch.SeedBatch`; each cell's output equals its run alone), ``on``
+    runs every group with the batched engine, ``off`` runs one cell after another. A group whose run
+    raises is recorded in the report's ``failures`` (``keep_going``; otherwise the error is raised)
+    while the other groups still run and write their files. A diverging cell is no failure: its
+    file records the step (``status``, ``diverged_at``).
+
+    ``progress(done, total, last accuracy)`` counts steps over all cells.
     """
     dev = resolve_device(device)
-    out = check_writable(out, "--out")
-    ckpt_dir: Path | None = None
-    if checkpoint_steps:
-        bad = sorted(s for s in checkpoint_steps if s < 0 or s > spec.steps)
-        if bad:
-            raise UsageError("--checkpoint-steps", f"steps must lie in 0 .. {spec.steps}, got {bad[0]}")
-        ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.with_suffix(".ckpt")
-        if ckpt_dir.resolve() == out.resolve():
-            raise UsageError("--checkpoint-dir", f"{str(ckpt_dir)!r} must differ from --out")
-        checkpoints.check_destination(ckpt_dir, "--checkpoint-dir")
+    check_choice(batch, BATCH_MODES, "--batch", what="mode")
+    ckpt_dirs = _check_cells(cells)
     check_positive(threads, "--threads")
     check_choice(strategy, STRATEGIES, "--grad-strategy")
     check_positive(chunk, "--chunk")
+    report = ManyReport(paths=[None] * len(cells))
+    total = sum(c.spec.steps for c in cells)
+    offset = 0
     with torch_threads(threads) as used_threads:
-        seed_everything(spec.seed)
-        dataset = load_dataset(spec.dataset, data_dir, dev, batch_size=spec.batch_size)
-        sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
+        seed_everything(cells[0].spec.seed)
+        datasets: dict[str, Any] = {}
+        for name in dict.fromkeys(c.spec.dataset for c in cells):
+            largest = max(c.spec.batch_size for c in cells if c.spec.dataset == name)
+            datasets[name] = load_dataset(name, data_dir, dev, batch_size=largest)
+        for group, batched in _groups(cells, batch):
+            members = [cells[i] for i in group]
+            dataset = datasets[members[0].spec.dataset]
+            done_before = offset
+            offset += sum(c.spec.steps for c in members)
 
-        writer = checkpoints.CheckpointWriter(ckpt_dir, spec=spec.to_dict()) if ckpt_dir is not None else None
-        with contextlib.ExitStack() as stack:
-            if writer is not None:
-                stack.enter_context(writer)  # an exception discards the temporary folder
-            started = time.perf_counter()
-            result = sim.run(
-                progress=(lambda s, acc: progress(s, spec.steps, acc)) if progress else None,
-                checkpoint=writer.save if writer is not None else None,
-                checkpoint_steps=frozenset(checkpoint_steps),
-            )
-            wall = time.perf_counter() - started
-            if writer is not None:
-                writer.commit()
-    smallest_share = int(sim.honest_class_counts.sum(dim=1).min())  # IID: the whole training set
+            def tick(step: int, acc: Any, base: int = done_before, width: int = len(members)) -> None:
+                if progress is not None:  # a batched run may report one accuracy per member: none shown
+                    progress(base + step * width, total, acc if acc is None or isinstance(acc, float) else None)
+
+            try:
+                if batched:
+                    outcome = _run_batched(members, dataset, dev, strategy, chunk, tick)
+                else:
+                    outcome = [_run_alone(members[0], ckpt_dirs[group[0]], dataset, dev, strategy, chunk, tick)]
+            except Exception as exc:  # noqa: BLE001 - one cell's failure must not lose the others' files
+                if not keep_going:
+                    raise
+                reason = (exc.one_line() if isinstance(exc, UsageError)
+                          else f"{type(exc).__name__}: {' '.join(str(exc).split())}")[:500]
+                report.failures += [(i, reason) for i in group]
+                continue
+            for i, (result, facts, wall, run_id) in zip(group, outcome):
+                report.paths[i] = _write(cells[i], result, facts, dev, dataset, used_threads, wall, run_id)
+    return report
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the output records about a run besides its metrics (from a Simulation or a batch member)."""
+
+    noise_sigma: float
+    dim: int
+    h: int
+    honest_class_counts: Any
+    strategy: str
+
+    @classmethod
+    def of(cls, run: Any) -> "_Facts":
+        return cls(run.noise_sigma, run.dim, run.h, run.honest_class_counts, run.strategy)
+
+
+def _run_alone(cell: CellJob, ckpt_dir: Path | None, dataset: Any, dev: Any, strategy: str, chunk: int,
+               tick: Callable[[int, float | None], None]) -> tuple[RunResult, _Facts, float, str | None]:
+    """One cell with :class:`Simulation` (and its checkpoints): ``(result, facts, wall seconds, run id)``."""
+    spec = cell.spec
+    seed_everything(spec.seed)
+    sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
+    writer = checkpoints.CheckpointWriter(ckpt_dir, spec=spec.to_dict()) if ckpt_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if writer is not None:
+            stack.enter_context(writer)  # an exception discards the temporary folder
+        started = time.perf_counter()
+        result = sim.run(
+            progress=tick,
+            checkpoint=writer.save if writer is not None else None,
+            checkpoint_steps=frozenset(cell.checkpoint_steps),
+        )
+        wall = time.perf_counter() - started
+        if writer is not None:
+            writer.commit()
+    return result, _Facts.of(sim), wall, writer.run_id if writer is not None else None
+
+
+def _run_batched(members: list[CellJob], dataset: Any, dev: Any, strategy: str, chunk: int,
+                 tick: Callable[[int, float | None], None]) -> list[tuple[RunResult, _Facts, float, str | None]]:
+    """Cells of one group as one batched problem (:class:`dpbr.simulation.batch.SeedBatch`). Each
+    member's ``wall_seconds`` is its share of the batch's wall time (the time / the number of members,
+    as the batch divides its phase times), so the members' times add up to the batch's."""
+    seed_everything(members[0].spec.seed)
+    run = SeedBatch([c.spec for c in members], dataset, dev, strategy=strategy, chunk=chunk)
+    started = time.perf_counter()
+    results = run.run(progress=tick)
+    wall = (time.perf_counter() - started) / len(members)
+    return [(result, _Facts.of(member), wall, None) for result, member in zip(results, run.members)]
+
+
+def _write(cell: CellJob, result: RunResult, facts: _Facts, dev: Any, dataset: Any, threads: int, wall: float,
+           run_id: str | None) -> Path:
+    """The cell's Parquet file (rows of :func:`records_frame`, metadata of :func:`run_metadata`), atomically."""
+    spec = cell.spec
+    smallest_share = int(facts.honest_class_counts.sum(dim=1).min())  # IID: the whole training set
     eps, order = composed_epsilon(spec, smallest_share, result.steps_done)
     extra = {
-        "noise_sigma": sim.noise_sigma,
+        "noise_sigma": facts.noise_sigma,
         "epsilon_composed": eps,
-        "dim": sim.dim,
-        "honest_workers": sim.h,
+        "dim": facts.dim,
+        "honest_workers": facts.h,
     }
     frame = records_frame(spec, result, extra)
     meta = run_metadata(
-        spec, dev, dataset, threads=used_threads, status=result.status, diverged_at=result.diverged_at,
-        wall_seconds=wall, gradient_strategy=sim.strategy, rdp_order=order,
-        honest_class_counts=sim.honest_class_counts.tolist(),
-        checkpoint_run_id=writer.run_id if writer is not None else None,
+        spec, dev, dataset, threads=threads, status=result.status, diverged_at=result.diverged_at,
+        wall_seconds=wall, gradient_strategy=facts.strategy, rdp_order=order,
+        honest_class_counts=facts.honest_class_counts.tolist(),
+        checkpoint_run_id=run_id,
     )
-    return write_parquet(frame, out, meta)
+    return write_parquet(frame, cell.out, meta)

@@ -6,6 +6,7 @@ Usage::
     rule = aggregators.get("bucketing(s=2)+krum")
     g = rule(G, f, generator=gen)                       # Tensor[d]
     out = rule.aggregate(G, f, generator=gen, state=s)   # Aggregation(value, selected, state)
+    out = rule.aggregate(GS, f, generator=[g0, g1, g2])  # a batch GS (3, n, d): value (3, d)
     rule.requirement, rule.min_workers(f), rule.check(n, f), rule.vn_bound(n, f)
 
 Rules (``names()``; aliases in brackets; requirement on ``n`` workers and ``f`` Byzantine ones)
@@ -25,8 +26,9 @@ Rules (``names()``; aliases in brackets; requirement on ``n`` workers and ``f`` 
   ``β = θ − 2f`` values closest to the median. ``n ≥ 4f + 3``.
 - ``geometric-median(nu, iters)`` [rfa, gm]: smoothed Weiszfeld (``ν = 0.1``, 8 iterations).
   ``n ≥ 2f + 1``.
-- ``centered-clipping(tau, iters)`` [cc]: ``v ← v + (1/n) Σ clip_τ(x_i − v)`` from ``v₀ = state``
-  (``τ = 10``, 3 iterations). ``n ≥ 1``.
+- ``centered-clipping(tau, iters, scale, beta)`` [cc]: ``v ← v + (1/n) Σ clip_τ(x_i − v)`` from
+  ``v₀ = state`` (``τ = 10``, 3 iterations; ``scale=linear|sqrt`` with ``beta`` uses ``τ/(1 − β)`` or
+  ``τ/sqrt(1 − β)``). ``n ≥ 1``.
 
 Pre-aggregators, written before a rule and joined with ``+`` (``"bucketing(s=2)+nnm+cc(tau=1)"``):
 ``bucketing(s)`` (random buckets of ``s``, averaged; Karimireddy et al. 2022) and ``nnm`` (nearest
@@ -37,6 +39,26 @@ Contract of every rule
 ----------------------
 - Input ``G``: ``(n, d)`` tensor of any floating dtype on any device; output ``(d,)`` of the same dtype
   and device, a new tensor (never a view of ``G``); ``G`` is never modified.
+- Batch form: ``G`` of shape ``(S, n, d)`` holds ``S`` independent problems (e.g. ``S`` seeds of one
+  cell). The result is ``Aggregation(value (S, d), selected (S, n) bool or None, state (S, d) or
+  None)`` and slice ``s`` equals ``rule.aggregate(G[s], f, generator=gens[s], state=states[s])``
+  (``rule(G, f)`` returns the ``(S, d)`` values). ``generator`` is ``None`` or one generator (shared:
+  the slices draw from it in turn, slice 0 first) or a sequence of ``S`` generators (slice ``s`` makes
+  exactly the draws of the 2-D call with generator ``s``); ``state`` is ``None`` or per slice
+  (centered clipping: a ``(S, d)`` tensor, or ``S`` tensors ``(d,)``); ``gram`` may be ``(S, n, n)``.
+  Non-finite rows are handled per slice as below. Every rule and pre-aggregator runs a batch as one
+  vectorised computation — batched distances, ``topk``, sorts and selections, one ``embedding_bag``
+  for the means — with loops only where the 2-D kernel has them, plus: drawing the bucketing
+  permutations (one ``randperm`` per slice, so that each slice draws from its own generator, then one
+  batched gather), the Gram matrices on the CPU (one blocked product per slice,
+  :func:`dpbr.linalg.gram`, so that they equal the 2-D ones bit for bit) and MDA's subset table in
+  chunks of slices that keep the gathered table within :data:`MDA_MAX_ENTRIES`. On the CPU a batch
+  then equals the per-slice 2-D results (on fresh ``(n, d)`` tensors) bit for bit, except the
+  geometric median and centered clipping, whose float64 coefficient iterations use batched
+  matrix-vector products (``bmm``, not ``gemv``), which round differently: float64 results differ
+  by up to about 1e-13 of the largest value (float32 results came out identical in our checks).
+  Errors name the rule: a shape that is not ``(n, d)`` or ``(S, n, d)``, an empty batch, a generator
+  sequence not of length ``S``, a state or ``gram`` of the wrong shape.
 - ``f``: declared number of Byzantine rows; :meth:`Aggregator.check` raises a ``ValueError``
   (:class:`dpbr.errors.UsageError`) naming the rule, ``n``, ``f`` and the requirement when ``n, f`` do
   not fit (also for ``f < 0`` or ``n < 1``); every call checks.
@@ -168,13 +190,14 @@ class Aggregation:
     Attributes
     ----------
     value:
-        The aggregate, ``Tensor[d]`` (input dtype and device).
+        The aggregate, ``Tensor[d]`` (input dtype and device); ``Tensor[S, d]`` for a batch.
     selected:
         ``Tensor[n]`` bool, the input rows the rule selected (krum, multi-krum, mda, bulyan, and
-        pre-aggregated compositions of them); ``None`` for rules that do not select rows.
+        pre-aggregated compositions of them), ``Tensor[S, n]`` for a batch; ``None`` for rules that do
+        not select rows.
     state:
-        The new explicit state (centered clipping: its new center, a fresh tensor); ``None`` for
-        stateless rules.
+        The new explicit state (centered clipping: its new center, a fresh tensor, ``Tensor[S, d]``
+        for a batch); ``None`` for stateless rules.
     """
 
     value: Tensor
@@ -196,8 +219,9 @@ class Aggregator:
     """Base class: an aggregation rule with its requirement on ``(n, f)`` and its VN bound.
 
     Subclasses register with ``@rules.register(name, *aliases)`` (which sets :attr:`key`), set
-    :attr:`selects`, the requirement clauses (:meth:`_clauses`), implement :meth:`_aggregate` and,
-    where the literature has one, :meth:`_vn`.
+    :attr:`selects`, the requirement clauses (:meth:`_clauses`), implement :meth:`_aggregate` (and
+    its batched form :meth:`_aggregate_batch`, else slices run one by one) and, where the literature
+    has one, :meth:`_vn`.
     """
 
     #: Registered name (set by the registry's decorator).
@@ -287,28 +311,36 @@ class Aggregator:
         self, G: Tensor, f: int, *, generator: torch.Generator | None = None, state: Any = None,
         gram: Tensor | None = None,
     ) -> Aggregation:
-        """Aggregate the rows of ``G`` (``n × d``) tolerating ``f`` Byzantine rows.
+        """Aggregate the rows of ``G`` (``n × d``) tolerating ``f`` Byzantine rows; or each slice of a
+        batch ``(S, n, d)`` (module docstring, "Batch form").
 
         Parameters
         ----------
         G:
-            ``(n, d)`` floating tensor, any dtype and device; not modified.
+            ``(n, d)`` floating tensor, any dtype and device, or an ``(S, n, d)`` batch; not modified.
         f:
-            Declared number of Byzantine rows.
+            Declared number of Byzantine rows (the same for every slice).
         generator:
-            Source of randomness (bucketing); the global RNG when ``None``.
+            Source of randomness (bucketing); the global RNG when ``None``. For a batch also a
+            sequence of ``S`` generators, one per slice.
         state:
-            Previous state (centered clipping's center); ignored by stateless rules.
+            Previous state (centered clipping's center); ignored by stateless rules. For a batch the
+            per-slice states (centered clipping: ``(S, d)``).
         gram:
-            ``G Gᵀ`` (``n × n``, float32 or float64) when the caller has it — e.g. from fewer rows when
-            several rows of ``G`` are copies of one vector, as omniscient attacks send them; used by
-            the rules with :attr:`uses_gram`, ignored by the others. It must be the Gram matrix of
-            ``G`` (the rules trust it).
+            ``G Gᵀ`` (``n × n``, float32 or float64; ``(S, n, n)`` for a batch) when the caller has
+            it — e.g. from fewer rows when several rows of ``G`` are copies of one vector, as
+            omniscient attacks send them; used by the rules with :attr:`uses_gram`, ignored by the
+            others. It must be the Gram matrix of ``G`` (the rules trust it).
         """
         if not isinstance(G, torch.Tensor):
             raise TypeError(f"aggregation rule {self.name!r} expects a torch.Tensor, got {type(G).__name__}")
+        if G.ndim == 3:
+            return self._aggregate_stack(G, f, generator, state, gram)
         if G.ndim != 2:
-            raise ValueError(f"aggregation rule {self.name!r} expects an (n, d) tensor, got shape {tuple(G.shape)}")
+            raise ValueError(
+                f"aggregation rule {self.name!r} expects an (n, d) tensor or an (S, n, d) batch, got shape "
+                f"{tuple(G.shape)}"
+            )
         if not G.is_floating_point():
             raise TypeError(f"aggregation rule {self.name!r} expects a floating-point tensor, got {G.dtype}")
         self.check(G.shape[0], f)
@@ -319,14 +351,72 @@ class Aggregator:
             return self._aggregate(G, int(f), generator, state, gram)
         return self._aggregate(G, int(f), generator, state)
 
+    def _aggregate_stack(
+        self, G: Tensor, f: int, generator: Any, state: Any, gram: Tensor | None
+    ) -> Aggregation:
+        """Validate a batch ``(S, n, d)`` and its per-slice arguments, then run :meth:`_aggregate_batch`."""
+        if not G.is_floating_point():
+            raise TypeError(f"aggregation rule {self.name!r} expects a floating-point tensor, got {G.dtype}")
+        S, n, _ = G.shape
+        if S < 1:
+            raise ValueError(f"aggregation rule {self.name!r}: a batch needs at least one slice, got shape {tuple(G.shape)}")
+        self.check(n, f)
+        gens = self._generators(generator, S)
+        if gram is not None and self.uses_gram:
+            if not isinstance(gram, torch.Tensor) or tuple(gram.shape) != (S, n, n) or not gram.is_floating_point():
+                raise ValueError(f"aggregation rule {self.name!r}: gram of a batch must be a floating ({S}, {n}, {n}) tensor")
+            return self._aggregate_batch(G, int(f), gens, state, gram)
+        return self._aggregate_batch(G, int(f), gens, state)
+
+    def _generators(self, generator: Any, S: int) -> list[torch.Generator | None]:
+        """One generator (or ``None``: the global RNG) per slice: ``None`` and a single generator are
+        shared by all slices (drawn from in turn), a sequence gives slice ``s`` its ``s``-th."""
+        if generator is None or isinstance(generator, torch.Generator):
+            return [generator] * S
+        if not isinstance(generator, (list, tuple)):
+            raise TypeError(
+                f"aggregation rule {self.name!r}: generator must be None, a torch.Generator or a sequence of "
+                f"{S} of them, got {type(generator).__name__}"
+            )
+        if len(generator) != S or not all(g is None or isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(
+                f"aggregation rule {self.name!r}: a batch of {S} slices needs {S} generators (torch.Generator "
+                f"or None), got a sequence of {len(generator)}"
+            )
+        return list(generator)
+
     def __call__(
-        self, G: Tensor, f: int, *, generator: torch.Generator | None = None, state: Any = None
+        self, G: Tensor, f: int, *, generator: Any = None, state: Any = None
     ) -> Tensor:
-        """The aggregate ``Tensor[d]`` (see :meth:`aggregate`)."""
+        """The aggregate, ``Tensor[d]`` (``Tensor[S, d]`` for a batch; see :meth:`aggregate`)."""
         return self.aggregate(G, f, generator=generator, state=state).value
 
     def _aggregate(self, G: Tensor, f: int, generator: torch.Generator | None, state: Any) -> Aggregation:
         raise NotImplementedError
+
+    def _aggregate_batch(
+        self, G: Tensor, f: int, gens: list[torch.Generator | None], state: Any, gram: Tensor | None = None
+    ) -> Aggregation:
+        """The kernel on a batch ``(S, n, d)`` with one generator (or ``None``) per slice in ``gens``.
+
+        This fallback runs :meth:`_aggregate` slice by slice (``state``: ``None`` or a sequence of ``S``
+        per-slice states) and stacks the results; every registered rule overrides it with a batched
+        kernel.
+        """
+        S = G.shape[0]
+        states = [None] * S if state is None else list(state)
+        if len(states) != S:
+            raise ValueError(f"aggregation rule {self.name!r}: a batch of {S} slices needs {S} states, got {len(states)}")
+        outs = [
+            self._aggregate(G[s], f, gens[s], states[s], *(() if gram is None else (gram[s],)))
+            for s in range(S)
+        ]
+        selected = None if outs[0].selected is None else torch.stack([o.selected for o in outs])
+        new = [o.state for o in outs]
+        new_state = None if all(x is None for x in new) else (
+            torch.stack(new) if all(isinstance(x, torch.Tensor) for x in new) else new
+        )
+        return Aggregation(torch.stack([o.value for o in outs]), selected, new_state)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {self.requirement}>"
@@ -348,7 +438,11 @@ def _krum_scores(D2: Tensor, k: int) -> Tensor:
     Adding the diagonal (0 for a finite row, inf otherwise) makes a non-finite row's score infinite
     even when ``k = 0``.
     """
-    n = D2.shape[0]
+    n = D2.shape[-1]
+    if D2.dim() > 2:  # a batch (S, n, n)
+        eye = torch.eye(n, dtype=torch.bool, device=D2.device)
+        near = D2.masked_fill(eye, math.inf).topk(k, dim=-1, largest=False).values.sum(-1) if k > 0 else 0
+        return near + D2.diagonal(dim1=-2, dim2=-1)
     if k > 0:
         eye = torch.eye(n, dtype=torch.bool, device=D2.device)
         near = D2.masked_fill(eye, math.inf).topk(k, dim=1, largest=False).values.sum(1)
@@ -368,22 +462,42 @@ def _neighbours(x: Any) -> str:
 
 def _centrality(D2: Tensor) -> Tensor:
     """Sum of squared distances to the finite rows (``inf`` for a non-finite row): a tie-breaker."""
+    if D2.dim() > 2:
+        return torch.where(torch.isfinite(D2), D2, 0).sum(-1) + D2.diagonal(dim1=-2, dim2=-1)
     return torch.where(torch.isfinite(D2), D2, 0).sum(1) + D2.diagonal()
 
 
 def _lexargmin(primary: Tensor, secondary: Tensor) -> Tensor:
-    """Index minimising ``primary``; exact ties go to the smaller ``secondary``, then the lower index."""
+    """Index minimising ``primary``; exact ties go to the smaller ``secondary``, then the lower index.
+
+    Along the last dimension: a batch ``(S, m)`` gives the ``(S,)`` indices."""
+    if primary.dim() > 1:
+        least = primary.amin(-1, keepdim=True)
+        return torch.where(primary == least, secondary, linalg.constant(math.inf, secondary)).argmin(-1)
     return torch.where(primary == primary.min(), secondary, linalg.constant(math.inf, secondary)).argmin()
 
 
 def _lexorder(primary: Tensor, secondary: Tensor) -> Tensor:
-    """Indices sorted by ``(primary, secondary, index)`` (two stable sorts)."""
+    """Indices sorted by ``(primary, secondary, index)`` (two stable sorts), along the last dimension."""
+    if primary.dim() > 1:
+        first = torch.sort(secondary, dim=-1, stable=True).indices
+        return first.gather(-1, torch.sort(primary.gather(-1, first), dim=-1, stable=True).indices)
     first = torch.sort(secondary, stable=True).indices
     return first.index_select(0, torch.sort(primary.index_select(0, first), stable=True).indices)
 
 
+def _take_rows(G: Tensor, rows: Tensor) -> Tensor:
+    """``G[s, rows[s]]`` for each slice of a batch ``G (S, n, d)``, ``rows (S, m)``: one ``index_select``
+    of whole rows (``gather`` with an index expanded over ``d`` is several times slower)."""
+    S, n, d = G.shape
+    flat = (rows + torch.arange(0, S * n, n, device=rows.device).unsqueeze(1)).reshape(-1)
+    return G.reshape(S * n, d).index_select(0, flat).view(S, rows.shape[1], d)
+
+
 def _mask(n: int, rows: Tensor) -> Tensor:
-    """Bool ``Tensor[n]`` with ``True`` at ``rows``."""
+    """Bool ``Tensor[n]`` with ``True`` at ``rows`` (a batch ``(S, m)``: ``Tensor[S, n]``)."""
+    if rows.dim() > 1:
+        return torch.zeros(rows.shape[0], n, dtype=torch.bool, device=rows.device).scatter_(1, rows, True)
     return torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill(0, rows, True)
 
 
@@ -401,6 +515,9 @@ class Average(Aggregator):
 
     def _aggregate(self, G, f, generator, state):
         return Aggregation(G.mean(dim=0))
+
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        return Aggregation(G.mean(dim=1))
 
     def _vn(self, n, f):
         return math.inf if f == 0 else 0.0
@@ -475,6 +592,17 @@ class MultiKrum(Aggregator):
             rows = _lexorder(scores, _centrality(D2))[:m]
         return Aggregation(linalg.mean_rows(G, rows), _mask(n, rows))
 
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        S, n, _ = G.shape
+        D2 = _distances(G, gram)  # (S, n, n)
+        scores = _krum_scores(D2, self._k(n, f))
+        m = self._m(n, f)
+        if m == 1:
+            rows = _lexargmin(scores, _centrality(D2)).reshape(S, 1)
+        else:
+            rows = _lexorder(scores, _centrality(D2))[:, :m]
+        return Aggregation(linalg.mean_rows(G, rows), _mask(n, rows))
+
 
 @rules.register("krum")
 class Krum(MultiKrum):
@@ -519,6 +647,9 @@ class Median(Aggregator):
     def _aggregate(self, G, f, generator, state):
         return Aggregation(linalg.coordinate_median(G))
 
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        return Aggregation(linalg.coordinate_median(G))
+
 
 @rules.register("trimmed-mean", "tm", "trimmed_mean")
 class TrimmedMean(Aggregator):
@@ -534,6 +665,11 @@ class TrimmedMean(Aggregator):
     def _aggregate(self, G, f, generator, state):
         n = G.shape[0]
         S = linalg.sorted_rows(G)
+        return Aggregation(linalg.sum_rows(S[f:n - f]).div_(n - 2 * f))
+
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        n = G.shape[1]
+        S = linalg.sorted_rows(G)  # n rows of shape (S, d)
         return Aggregation(linalg.sum_rows(S[f:n - f]).div_(n - 2 * f))
 
 
@@ -556,6 +692,10 @@ class MeaMed(Aggregator):
     def _aggregate(self, G, f, generator, state):
         S = linalg.sorted_rows(G)
         return Aggregation(linalg.mean_closest(S, linalg.median_of_sorted(S), G.shape[0] - f))
+
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        S = linalg.sorted_rows(G)  # n rows of shape (S, d); mean_closest works element-wise
+        return Aggregation(linalg.mean_closest(S, linalg.median_of_sorted(S), G.shape[1] - f))
 
 
 def subset_pairs(n: int, r: int) -> int:
@@ -670,6 +810,22 @@ class MDA(Aggregator):
         rows = members.index_select(0, best.view(1)).view(-1)  # no host sync (members[best] would)
         return Aggregation(linalg.mean_rows(G, rows), _mask(n, rows))
 
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        S, n, _ = G.shape
+        D2 = _distances(G, gram).reshape(S, n * n)
+        members, pairs = mda_tables(n, f, str(D2.device))
+        # slices in chunks whose gathered table stays within MDA_MAX_ENTRIES (a loop over chunks of
+        # slices, not over subsets; one chunk for the study's sizes)
+        step = max(1, MDA_MAX_ENTRIES // pairs.numel())
+        best = []
+        for lo in range(0, S, step):
+            D = D2[lo:lo + step]
+            within = D.index_select(1, pairs.view(-1)).view(D.shape[0], *pairs.shape)  # (S', pairs, subsets)
+            diameters = within.amax(dim=1)
+            best.append(diameters.argmin(-1) if self.ties == "first" else _lexargmin(diameters, within.sum(dim=1)))
+        rows = members.index_select(0, best[0] if len(best) == 1 else torch.cat(best))  # (S, n − f)
+        return Aggregation(linalg.mean_rows(G, rows), _mask(n, rows))
+
 
 @rules.register("bulyan")
 class Bulyan(Aggregator):
@@ -700,16 +856,21 @@ class Bulyan(Aggregator):
         return krum_vn_bound(n, f)
 
     def _aggregate(self, G, f, generator, state, gram=None):
-        n = G.shape[0]
+        # the batched selection on a batch of one (same values; the loop costs the same)
+        one = self._aggregate_batch(G.unsqueeze(0), f, [generator], state, None if gram is None else gram.unsqueeze(0))
+        return Aggregation(one.value[0], one.selected[0])
+
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        B, n, d = G.shape
         theta, beta = n - 2 * f, n - 4 * f
-        D2 = _distances(G, gram)
+        D2 = _distances(G, gram)  # (B, n, n)
         dev = D2.device
         huge = torch.finfo(D2.dtype).max
         eye = torch.eye(n, dtype=torch.bool, device=dev)
         others = D2.masked_fill(eye, math.inf)
-        diag = D2.diagonal()
+        diag = D2.diagonal(dim1=-2, dim2=-1)
         full = _krum_scores(D2, n - f - 2).nan_to_num(nan=huge, posinf=huge)
-        removed = torch.zeros(n, dtype=torch.bool, device=dev)
+        removed = torch.zeros(B, n, dtype=torch.bool, device=dev)
         arange = torch.arange(n, device=dev)
         picks = []
         for t in range(theta):
@@ -717,17 +878,17 @@ class Bulyan(Aggregator):
             if t == 0:
                 scores = full
             elif k > 0:
-                near = others.masked_fill(removed[None, :], math.inf).topk(k, dim=1, largest=False).values
-                scores = (near.sum(1) + diag).nan_to_num(nan=huge, posinf=huge)
+                near = others.masked_fill(removed[:, None, :], math.inf).topk(k, dim=-1, largest=False).values
+                scores = (near.sum(-1) + diag).nan_to_num(nan=huge, posinf=huge)
             else:
                 scores = diag.nan_to_num(nan=huge, posinf=huge)
             # finite-capped scores: a remaining row always beats a removed one
             scores = torch.where(removed, math.inf, scores)
-            pick = _lexargmin(scores, full)
+            pick = _lexargmin(scores, full)  # (B,)
             picks.append(pick)
-            removed = removed | (arange == pick)
-        rows = torch.stack(picks)
-        S = linalg.sorted_rows(G.index_select(0, rows))
+            removed = removed | (arange == pick[:, None])
+        rows = torch.stack(picks, dim=1)  # (B, θ)
+        S = linalg.sorted_rows(_take_rows(G, rows))
         return Aggregation(linalg.mean_closest(S, linalg.median_of_sorted(S), beta), _mask(n, rows))
 
 
@@ -780,6 +941,25 @@ class GeometricMedian(Aggregator):
             a = w / w.sum()
         return Aggregation(linalg.combine(a, X, finite).to(G.dtype))
 
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        X = linalg.compute_view(G)
+        K = linalg.gram(X)  # (S, n, n)
+        D2, finite = linalg.sqdist(K)
+        ok = finite[:, :, None] & finite[:, None, :]
+        Kd = torch.where(ok, K, 0).double()
+        sq = Kd.diagonal(dim1=-2, dim2=-1)
+        dist_sum = torch.where(ok, D2.double().sqrt(), 0).sum(-1)
+        start = torch.where(finite, dist_sum, math.inf).argmin(-1)
+        a = (torch.arange(G.shape[1], device=G.device) == start[:, None]).double()
+        alive = finite.double()
+        nu2 = self.nu**2
+        for _ in range(self.iters):
+            Ka = torch.matmul(Kd, a.unsqueeze(-1)).squeeze(-1)
+            aKa = torch.matmul(a.unsqueeze(-2), Ka.unsqueeze(-1)).squeeze(-1)  # (S, 1)
+            w = torch.add(sq, Ka, alpha=-2).add_(aKa).clamp_min_(nu2).rsqrt_().mul_(alive)
+            a = w / w.sum(-1, keepdim=True)
+        return Aggregation(linalg.combine(a, X, finite).to(G.dtype))
+
 
 @rules.register("centered-clipping", "cc", "centered_clipping", "centeredclipping")
 class CenteredClipping(Aggregator):
@@ -797,20 +977,54 @@ class CenteredClipping(Aggregator):
     Parameters
     ----------
     tau:
-        Clipping radius ``τ > 0`` (default 10, as in Karimireddy et al.'s bucketing experiments, which
-        scale it by ``1/(1 − β)`` with worker momentum ``β``; ByzFL's default is 100).
+        Clipping radius ``τ > 0`` before scaling (default 10, as in Karimireddy et al.'s bucketing
+        experiments, arXiv 2006.09365; ByzFL's default is 100).
     iters:
         Number of clipping iterations ``L`` (default 3 as in those experiments; ByzFL uses 1).
+    scale:
+        How the radius grows with the workers' momentum ``β`` (the paper's momentum and clipping-radius
+        experiments, exp5/exp6 of its code): ``none`` (default) ``τ_eff = τ``, ``linear``
+        ``τ_eff = τ/(1 − β)``, ``sqrt`` ``τ_eff = τ/sqrt(1 − β)``. The clipping uses ``τ_eff``
+        (:attr:`radius`).
+    beta:
+        The workers' momentum ``β ∈ [0, 1)`` the radius is scaled with — required by ``linear`` and
+        ``sqrt``, unused by ``none``. The rule does not see the run's ``--worker-momentum``: give the
+        same value here.
+
+    Those formulas are the paper's, for its workers' *undampened* momentum ``m ← βm + g`` (from
+    ``m = g``), whose size grows like ``1/(1 − β)``. dpbr's ``--worker-momentum`` is *dampened*,
+    ``m ← βm + (1 − β)g`` from 0, which is exactly ``(1 − β)`` times the undampened one. Centered
+    clipping is positively homogeneous (``clip_τ(c·y) = c·clip_{τ/c}(y)``, ``c > 0``), so a paper run
+    with radius ``τ_p`` and learning rate ``λ`` is a dpbr run with radius ``(1 − β)·τ_p`` and learning
+    rate ``λ/(1 − β)``: the paper's ``linear`` arm is ``scale=none`` here, its ``sqrt`` arm radius
+    ``τ·sqrt(1 − β)`` and its ``none`` arm radius ``τ·(1 − β)``.
 
     Requirement ``n ≥ 1`` (``f`` is unused). VN bound: ``None``. A non-finite row contributes a zero
     update (weight 0) and still counts in ``1/n``; ``state`` must be finite.
     """
 
-    def __init__(self, tau: float = 10.0, iters: int = 3) -> None:
+    #: Ways of scaling the radius with the workers' momentum (``scale=``).
+    SCALES: ClassVar[tuple[str, ...]] = ("none", "linear", "sqrt")
+
+    def __init__(self, tau: float = 10.0, iters: int = 3, scale: str | None = "none", beta: float | None = None) -> None:
         self.tau = _positive_float(tau, "tau")
         self.iters = _positive_int(iters, "iters")
+        self.scale = "none" if scale is None else scale  # the spec grammar reads "none" as None
+        if self.scale not in self.SCALES:
+            raise ValueError(f"scale must be one of {', '.join(self.SCALES)}, got {scale!r}")
+        if beta is not None:
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+                raise ValueError(f"beta (the workers' momentum) must be a number in [0, 1), got {beta!r}")
+            beta = float(beta)
+        elif self.scale != "none":
+            raise ValueError(f"scale={self.scale} needs beta, the workers' momentum in [0, 1) (e.g. beta=0.9)")
+        self.beta = beta
+        #: The clipping radius used, ``τ_eff``.
+        self.radius = (self.tau if self.scale == "none" else self.tau / (1 - beta) if self.scale == "linear"
+                       else self.tau / math.sqrt(1 - beta))
         super().__init__()
-        self._name(tau=self.tau if self.tau != 10.0 else None, iters=self.iters if self.iters != 3 else None)
+        self._name(tau=self.tau if self.tau != 10.0 else None, iters=self.iters if self.iters != 3 else None,
+                   scale=None if self.scale == "none" else self.scale, beta=beta)
 
     def _aggregate(self, G, f, generator, state):
         n, d = G.shape
@@ -834,12 +1048,53 @@ class CenteredClipping(Aggregator):
         alive = finite.double()
         # v = v0 + Σ c_i (x_i − v0): coefficients c over the centred rows y_i = x_i − v0
         c = torch.zeros(n, dtype=torch.float64, device=X.device)
-        tau2 = self.tau**2
+        tau = self.radius
+        tau2 = tau**2
         for _ in range(self.iters):
             Kc = Kd @ c
             # λ_i = min(1, τ/‖y_i − v‖) (0 for a non-finite row), ‖y_i − v‖² = K_ii − 2 (K c)_i + cᵀ K c
-            lam = torch.add(sq, Kc, alpha=-2).add_(c @ Kc).clamp_min_(tau2).rsqrt_().mul_(self.tau * alive)
+            lam = torch.add(sq, Kc, alpha=-2).add_(c @ Kc).clamp_min_(tau2).rsqrt_().mul_(tau * alive)
             c = c * (1 - lam.sum() / n) + lam / n
+        value = linalg.combine(c, Y, finite)
+        if center is not None:
+            value = value + center
+        value = value.to(G.dtype)
+        return Aggregation(value, state=value.clone())
+
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        S, n, d = G.shape
+        X = linalg.compute_view(G)
+        if state is None:
+            center = None
+            Y = X
+        else:
+            if isinstance(state, (list, tuple)) and len(state) == S and all(
+                isinstance(s, torch.Tensor) and tuple(s.shape) == (d,) for s in state
+            ):
+                state = torch.stack([s.to(device=X.device, dtype=X.dtype) for s in state])
+            if not isinstance(state, torch.Tensor) or tuple(state.shape) != (S, d):
+                got = tuple(state.shape) if isinstance(state, torch.Tensor) else f" of length {len(state)}" if isinstance(
+                    state, (list, tuple)) else ""
+                raise ValueError(
+                    f"aggregation rule {self.name!r}: the state of a batch of {S} must be the previous centers, a "
+                    f"Tensor[{S}, {d}] (or {S} Tensor[{d}]), got {type(state).__name__}{got}"
+                )
+            center = state.to(device=X.device, dtype=X.dtype)
+            Y = X - center[:, None, :]
+        K = linalg.gram(Y)  # (S, n, n)
+        finite = torch.isfinite(K.diagonal(dim1=-2, dim2=-1))
+        ok = finite[:, :, None] & finite[:, None, :]
+        Kd = torch.where(ok, K, 0).double()
+        sq = Kd.diagonal(dim1=-2, dim2=-1)
+        alive = finite.double()
+        c = torch.zeros(S, n, dtype=torch.float64, device=X.device)
+        tau = self.radius
+        tau2 = tau**2
+        for _ in range(self.iters):
+            Kc = torch.matmul(Kd, c.unsqueeze(-1)).squeeze(-1)
+            cKc = torch.matmul(c.unsqueeze(-2), Kc.unsqueeze(-1)).squeeze(-1)  # (S, 1)
+            lam = torch.add(sq, Kc, alpha=-2).add_(cKc).clamp_min_(tau2).rsqrt_().mul_(tau * alive)
+            c = c * (1 - lam.sum(-1, keepdim=True) / n) + lam / n
         value = linalg.combine(c, Y, finite)
         if center is not None:
             value = value + center
@@ -927,6 +1182,32 @@ class Bucketing(Aggregator):
             selected = out.selected.index_select(0, bucket_of)
         return Aggregation(out.value, selected, out.state)
 
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        B, n, d = G.shape
+        s, nb = self.s, self._buckets(n)
+        # each slice draws its permutation from its own generator, exactly as the 2-D call does
+        perm = torch.stack([
+            torch.randperm(n, device=G.device) if g is None
+            else torch.randperm(n, generator=g, device=g.device).to(G.device)
+            for g in gens
+        ])  # (B, n)
+        X = _take_rows(linalg.compute_view(G), perm)
+        full = n // s
+        parts = []
+        if full:
+            parts.append(X[:, : full * s].reshape(B, full, s, d).mean(dim=2))
+        if full * s < n:
+            parts.append(X[:, full * s:].mean(dim=1, keepdim=True))
+        means = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).to(G.dtype)
+        out = self.inner._aggregate_batch(means, f, gens, state)
+        selected = None
+        if out.selected is not None:
+            bucket_of = torch.empty_like(perm).scatter_(
+                1, perm, (torch.arange(n, device=G.device) // s).expand(B, n)
+            )
+            selected = out.selected.gather(1, bucket_of)
+        return Aggregation(out.value, selected, out.state)
+
 
 @pre_aggregators.register("nnm")
 class NNM(Aggregator):
@@ -969,6 +1250,16 @@ class NNM(Aggregator):
         mixed = linalg.combine(W, X, finite)
         mixed.add_(torch.where(finite, 0.0, math.nan).to(mixed.dtype)[:, None])  # NaN rows stay NaN
         return self.inner._aggregate(mixed.to(G.dtype), f, generator, state)
+
+    def _aggregate_batch(self, G, f, gens, state, gram=None):
+        S, n, _ = G.shape
+        X = linalg.compute_view(G)
+        D2, finite = linalg.sqdist(linalg.gram(X))  # (S, n, n), (S, n)
+        near = D2.topk(n - f, dim=-1, largest=False).indices
+        W = torch.zeros(S, n, n, dtype=X.dtype, device=X.device).scatter_(-1, near, 1.0 / (n - f))
+        mixed = linalg.combine(W, X, finite)  # (S, n, d)
+        mixed.add_(torch.where(finite, 0.0, math.nan).to(mixed.dtype)[:, :, None])
+        return self.inner._aggregate_batch(mixed.to(G.dtype), f, gens, state)
 
 
 # ----------------------------------------------------------------------------------------------- #

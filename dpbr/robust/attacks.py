@@ -22,6 +22,33 @@ Conventions shared by all attacks
 - Statistics are computed in ``float32`` for half-precision inputs (``float64`` stays ``float64``)
   and the result is cast back to ``H``'s dtype.
 
+Batches
+-------
+Every attack also takes a batch of ``S`` independent problems (e.g. ``S`` seeds of one cell):
+``H`` of shape ``(S, h, d)`` gives ``(S, f, d)``, and slice ``s`` is the 2-D call on ``H[s]``::
+
+    byz = atk(H, f, generator=[g0, g1, g2])                   # H: Tensor[3, h, d] -> Tensor[3, f, d]
+    forged = atk.forge(H, f, generator=gens, own=own, state=previous.state, out=out)
+
+- ``generator`` is one generator per slice (a sequence of ``S``); a single generator stands for
+  ``[generator] * S``, drawn from slice after slice. Slice ``s`` makes exactly the draws the 2-D call
+  with ``gens[s]`` makes.
+- ``own`` and ``out`` are ``(S, f, d)``; ``aggregator`` takes the ``(S, n, d)`` stack (and a sequence of
+  ``S`` generators) and returns ``(S, d)`` — the server's rule with its batched state.
+- ``Forged.copies`` holds for the batch when it holds for every slice; ``Forged.info`` maps each key to
+  the list of the ``S`` slices' values; the state is per slice (``mimic(target=auto)``: one
+  :class:`MimicState` whose tensors have a leading ``S``; a sequence of ``S`` per-slice states is
+  accepted too).
+- Vectorised: ``none``, ``nan``, ``inf``, ``sign-flip``, ``little``, ``empire``, ``bulyan-coordinate``
+  (``factor=optimal`` included: the ``S`` line searches run in lockstep, one aggregator call on the
+  whole stack per evaluation, each slice keeping its own factor), ``gaussian`` (the draws alone loop
+  over the slices' generators), ``label-flip``, ``mimic`` (``target=auto``: its ``warmup`` estimation
+  steps — an eigendecomposition or a power step — run slice by slice with the 2-D code; the steps
+  after it are one gather). An attack class that defines only the 2-D ``_forge`` forges a batch slice by
+  slice (:meth:`Attack._forge_batch`).
+- On the CPU a batched call equals the 2-D calls bit for bit (same reductions, fused ``addcmul`` for
+  the per-slice factors); batched GPU kernels may round differently.
+
 Attacks (``attacks.names()``; aliases in brackets; all ``f`` rows equal unless said otherwise)
 -------------------------------------------------------------------------------------------------
 - ``none``: ``μ`` (harmless; see :class:`NoAttack`).
@@ -29,7 +56,9 @@ Attacks (``attacks.names()``; aliases in brackets; all ``f`` rows equal unless s
 - ``little`` [alie]: ``μ + z·σ`` (``μ − z·σ`` with ``negative=true``);
   ``factor=1.5|zmax|zmax-honest|optimal``, ``evals=16``.
 - ``empire`` [ipm]: ``(1 − factor)·μ``; ``factor=1.1|optimal``, ``evals=16``.
-- ``sign-flip`` [signflip, sign_flip]: ``−scale·μ``; ``scale=1``.
+- ``sign-flip`` [signflip, sign_flip]: ``−scale·μ`` (the negated honest mean); ``scale=1``.
+- ``bit-flip`` [bitflip, bit_flip]: ``−g_j``, each Byzantine worker's negated gradient on its own data
+  (Karimireddy, He & Jaggi 2022; rows differ).
 - ``gaussian``: i.i.d. rows ``N(mean, std²)`` (``+ μ`` with ``centred=true``; one row for all with
   ``identical=true``); ``mean=0``, ``std=1``.
 - ``bulyan-coordinate`` [bulyan]: ``μ ± factor·e_j``; ``factor=1|optimal``, ``coordinate=-1|all``,
@@ -57,7 +86,7 @@ import inspect
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generator, Mapping, Sequence
 
 from dpbr._lazy import LazyModule
 
@@ -88,7 +117,8 @@ OPTION = "--attack"
 
 Aggregator = Callable[..., Any]
 """``agg(G: Tensor[n, d], f: int, *, generator=None, state=None) -> Tensor[d]`` (or an object with
-``.value``, or a tuple whose first item is the aggregate)."""
+``.value``, or a tuple whose first item is the aggregate); for a batch ``G: Tensor[S, n, d] ->
+Tensor[S, d]`` with ``generator`` a list of ``S``."""
 
 #: The attacks: every attack class below registers itself with ``@registry.register(name, *aliases)``.
 registry: Registry["Attack"] = Registry(kind="attack", option=OPTION)
@@ -105,16 +135,18 @@ class Forged:
     Attributes
     ----------
     value:
-        The ``(f, d)`` Byzantine vectors (dtype and device of ``H``).
+        The ``(f, d)`` Byzantine vectors (dtype and device of ``H``); ``(S, f, d)`` for a batch.
     state:
         The state to pass to the next call of :meth:`Attack.forge` (``None`` for stateless attacks).
     info:
         Plain facts about this step worth logging, e.g. ``{"factor": 2.6, "evaluations": 16}`` for a
-        factor attack. Never read back by the attack.
+        factor attack. Never read back by the attack. For a batch, each key maps to the list of the
+        ``S`` slices' values.
     copies:
         True when every row of ``value`` is the same vector (ALIE, IPM, sign flip, …): a caller may
         then compute distances and Gram matrices over one of them (see
-        :meth:`dpbr.robust.aggregators.Aggregator.aggregate`'s ``gram``).
+        :meth:`dpbr.robust.aggregators.Aggregator.aggregate`'s ``gram``). For a batch: within every
+        slice.
     """
 
     value: Tensor
@@ -126,6 +158,9 @@ class Forged:
 @dataclass(frozen=True)
 class MimicState:
     """Explicit state of ``mimic(target=auto)`` between steps (Karimireddy et al. 2022).
+
+    For a batch of ``S`` slices (which advance together) the tensors have a leading ``S``: ``mean`` and
+    ``direction`` ``(S, d)``, ``target`` ``(S,)``.
 
     Attributes
     ----------
@@ -161,7 +196,8 @@ def mean_std(H: Tensor, *, chunk_rows: bool | None = None) -> tuple[Tensor, Tens
     Parameters
     ----------
     H:
-        ``(h, d)`` floating tensor, ``h ≥ 2``.
+        ``(h, d)`` floating tensor, ``h ≥ 2``, or a batch ``(S, h, d)`` (statistics of each slice's rows,
+        with the kernels of the 2-D call).
     chunk_rows:
         Force the row-by-row (``True``) or the vectorised (``False``) accumulation; ``None`` picks
         row by row when ``h·d > 2**18``.
@@ -169,23 +205,23 @@ def mean_std(H: Tensor, *, chunk_rows: bool | None = None) -> tuple[Tensor, Tens
     Returns
     -------
     (mu, sigma):
-        Two ``(d,)`` tensors of ``H``'s dtype.
+        Two ``(d,)`` tensors (``(S, d)`` for a batch) of ``H``'s dtype.
     """
-    h = H.shape[0]
+    h = H.shape[-2]
     if h < 2:
         raise UsageError(OPTION, f"the unbiased standard deviation needs at least 2 honest vectors, got {h}")
-    mu = H.sum(dim=0).div_(h)
+    mu = H.sum(dim=-2).div_(h)
     if chunk_rows is None:
-        chunk_rows = h * H.shape[1] > (1 << 18)
+        chunk_rows = h * H.shape[-1] > (1 << 18)
     if chunk_rows:
         acc = torch.zeros_like(mu)
         tmp = torch.empty_like(mu)
         for i in range(h):  # loop over rows (workers), never over coordinates
-            torch.sub(H[i], mu, out=tmp)
+            torch.sub(H[..., i, :], mu, out=tmp)
             acc.addcmul_(tmp, tmp)
     else:
-        centred = H - mu
-        acc = centred.mul_(centred).sum(dim=0)
+        centred = H - (mu if H.dim() == 2 else mu.unsqueeze(-2))
+        acc = centred.mul_(centred).sum(dim=-2)
     return mu, acc.div_(h - 1).sqrt_()
 
 
@@ -259,23 +295,39 @@ def line_maximize(
     (best_x, best_y, evaluations):
         The best point, its value, and the number of calls made (``≤ evals``).
     """
+    search = _line_search(evals, start, delta, ratio)
+    x = next(search)
+    try:
+        while True:
+            x = search.send(_score(objective(x)))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _score(y: Any) -> float:
+    """An objective value as :func:`line_maximize` compares it (``NaN`` never improves: ``−∞``)."""
+    y = float(y)
+    return -math.inf if math.isnan(y) else y
+
+
+def _line_search(
+    evals: int, start: float, delta: float, ratio: float
+) -> Generator[float, float, tuple[float, float, int]]:
+    """The steps of :func:`line_maximize` as a coroutine: it yields each probe ``x``, is sent the probe's
+    score (:func:`_score`) and returns ``(best_x, best_y, evaluations)``. Several searches run in lockstep
+    this way, one per slice of a batch, with one aggregator call per round (:func:`_search_factors`)."""
     if evals < 1:
         raise UsageError(OPTION, f"evals must be >= 1, got {evals}")
     if not 0.5 < ratio < 1.0:
         raise UsageError(OPTION, f"ratio must be in (0.5, 1), got {ratio}")
-    calls = 0
-
-    def value(x: float) -> float:
-        nonlocal calls
-        calls += 1
-        y = float(objective(x))
-        return -math.inf if math.isnan(y) else y
-
-    best_x, best_y = float(start), value(start)
+    best_x = float(start)
+    best_y = yield best_x
+    calls = 1
     probe = best_x
     while calls < evals:  # expansion
         probe = best_x + delta
-        y = value(probe)
+        y = yield probe
+        calls += 1
         if y > best_y:
             best_x, best_y = probe, y
             delta *= 2.0
@@ -290,7 +342,8 @@ def line_maximize(
             while x < 0.0:
                 x = (x + probe) / 2.0
             probe = x
-        y = value(probe)
+        y = yield probe
+        calls += 1
         if y > best_y:
             best_x, best_y = probe, y
         delta *= ratio
@@ -342,7 +395,7 @@ class Attack:
     needs_aggregator:
         True when the attack evaluates the aggregation rule (``factor=optimal``): pass ``aggregator``.
     needs_own_gradients:
-        True for ``label-flip``: the simulation computes the Byzantine workers' gradients on their own
+        True for ``label-flip`` and ``bit-flip``: the simulation computes the Byzantine workers' gradients on their own
         data with labels mapped by :attr:`label_map` and passes them as ``own``.
     needs_generator:
         True when the attack draws random numbers (pass ``generator``).
@@ -379,10 +432,11 @@ class Attack:
         f: int,
         *,
         aggregator: Aggregator | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         own: Tensor | None = None,
     ) -> Tensor:
-        """The ``(f, d)`` Byzantine vectors for honest vectors ``H`` (stateless: a fresh state)."""
+        """The ``(f, d)`` Byzantine vectors for honest vectors ``H`` (stateless: a fresh state);
+        ``(S, f, d)`` for a batch ``(S, h, d)`` (see :meth:`forge`)."""
         return self.forge(H, f, aggregator=aggregator, generator=generator, own=own).value
 
     def forge(
@@ -391,50 +445,65 @@ class Attack:
         f: int,
         *,
         aggregator: Aggregator | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
         own: Tensor | None = None,
         state: Any = None,
         out: Tensor | None = None,
     ) -> Forged:
         """Forge the ``(f, d)`` Byzantine vectors and the next state.
 
+        A batch ``H`` of shape ``(S, h, d)`` gives ``(S, f, d)`` vectors, slice ``s`` equal to the 2-D
+        call on ``H[s]`` with ``generator[s]``, ``own[s]`` and slice ``s``'s state; the shapes of the
+        other arguments for a batch are given with each (see also the module docstring, *Batches*).
+
         Parameters
         ----------
         H:
-            ``(h, d)`` honest vectors as sent, in worker order. Not modified.
+            ``(h, d)`` honest vectors as sent, in worker order, or ``(S, h, d)``. Not modified.
         f:
             Number of Byzantine vectors to forge (``≥ 0``); also the ``f`` passed to ``aggregator``.
         aggregator:
             The rule to defeat, ``agg(G, f, *, generator=None) -> Tensor[d]``; only used when
             :attr:`needs_aggregator`. Bind any aggregator state beforehand (``functools.partial``).
+            For a batch it takes ``G`` of shape ``(S, n, d)`` (and a list of ``S`` generators) and
+            returns ``(S, d)``: the rule with its batched state.
         generator:
-            Source of every random draw (on ``H``'s device).
+            Source of every random draw (on ``H``'s device). For a batch, a sequence of ``S`` (slice
+            ``s`` draws from ``generator[s]`` only), or one generator drawn from slice after slice.
         own:
-            ``(f, d)`` gradients the Byzantine workers computed on their own data (``label-flip``).
+            ``(f, d)`` gradients the Byzantine workers computed on their own data (``label-flip``);
+            ``(S, f, d)`` for a batch.
         state:
-            The ``state`` of the previous :class:`Forged` (``None`` on the first step).
+            The ``state`` of the previous :class:`Forged` (``None`` on the first step). For a batch, the
+            batched state the previous batched call returned (per slice; see the attack).
         out:
-            Optional ``(f, d)`` tensor (any floating dtype, sharing no memory with ``H``) that receives
-            the vectors and becomes ``value`` — the simulation passes the Byzantine rows of the matrix
-            the rule aggregates, which saves a copy per step. Same values as without it (cast to
-            ``out``'s dtype).
+            Optional ``(f, d)`` tensor (``(S, f, d)`` for a batch; any floating dtype, sharing no memory
+            with ``H``) that receives the vectors and becomes ``value`` — the simulation passes the
+            Byzantine rows of the matrix the rule aggregates, which saves a copy per step. Same values as
+            without it (cast to ``out``'s dtype).
         """
         H = _check_honest(H)
         f = _check_f(f)
+        if H.dim() == 3:
+            return self._forge_stack(H, f, aggregator, generator, own, state, out)
         if f == 0:
             return Forged(H.new_empty((0, H.shape[1])), state)
+        self._check_call(H, aggregator, [generator], out, (f, H.shape[1]))
+        forged = self._forge(H, f, aggregator=aggregator, generator=generator, own=own, state=state, out=out)
+        return _written_into(out, forged)
+
+    def _check_call(
+        self, H: Tensor, aggregator: Aggregator | None, gens: list[Any], out: Any, shape: tuple[int, ...]
+    ) -> None:
+        """The checks of :meth:`forge` that need ``f > 0``: aggregator, generators, ``out``'s shape."""
         if self.needs_aggregator and aggregator is None:
             raise UsageError(OPTION, f"attack {self.name!r} needs the aggregation rule: pass aggregator=")
         if self.needs_generator:
-            _check_generator(generator, H, self.name)
-        if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (f, H.shape[1])):
-            raise UsageError(OPTION, f"out must be a Tensor of shape {(f, H.shape[1])}, got "
+            for g in gens:
+                _check_generator(g, H, self.name)
+        if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape):
+            raise UsageError(OPTION, f"out must be a Tensor of shape {shape}, got "
                                      f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-        forged = self._forge(H, f, aggregator=aggregator, generator=generator, own=own, state=state, out=out)
-        if out is None or forged.value is out:
-            return forged
-        out.copy_(forged.value)
-        return Forged(out, forged.state, forged.info, forged.copies)
 
     def _forge(
         self,
@@ -450,6 +519,47 @@ class Attack:
         """The vectors (written into ``out`` when the attack can do so directly; :meth:`forge` copies
         them there otherwise)."""
         raise NotImplementedError
+
+    def _forge_stack(
+        self, H: Tensor, f: int, aggregator: Aggregator | None, generator: Any, own: Any, state: Any, out: Any
+    ) -> Forged:
+        """:meth:`forge` on a batch ``H`` of shape ``(S, h, d)``: the checks, then :meth:`_forge_batch`."""
+        S, _, d = H.shape
+        gens = _generators(generator, S)
+        if f == 0:
+            return Forged(H.new_empty((S, 0, d)), state)
+        self._check_call(H, aggregator, gens, out, (S, f, d))
+        forged = self._forge_batch(H, f, aggregator=aggregator, gens=gens, own=own, state=state, out=out)
+        return _written_into(out, forged)
+
+    def _forge_batch(
+        self,
+        H: Tensor,
+        f: int,
+        *,
+        aggregator: Aggregator | None,
+        gens: list[torch.Generator | None],
+        own: Tensor | None,
+        state: Any,
+        out: Tensor | None = None,
+    ) -> Forged:
+        """The ``(S, f, d)`` vectors of a batch, slice ``s`` drawing from ``gens[s]``.
+
+        This default forges slice by slice with :meth:`_forge` (``state``: ``None`` or a sequence of
+        ``S`` per-slice states; the next state is the list of them; ``info`` maps each key to the list
+        of the slices' values). Attacks with a vectorised form override it."""
+        S = H.shape[0]
+        if self.needs_aggregator:
+            raise UsageError(OPTION, f"attack {self.name!r} has no batched form against an aggregation rule")
+        states = _slice_states(state, S, self.name)
+        parts = [
+            self._forge(H[s], f, aggregator=None, generator=gens[s], own=None if own is None else own[s],
+                        state=states[s])
+            for s in range(S)
+        ]
+        next_states = None if all(p.state is None for p in parts) else [p.state for p in parts]
+        info = {k: [p.info.get(k) for p in parts] for k in parts[0].info}
+        return Forged(torch.stack([p.value for p in parts]), next_states, info, all(p.copies for p in parts))
 
 
 # ----------------------------------------------------------------------------------------------- #
@@ -471,6 +581,9 @@ class NoAttack(Attack):
     def _forge(self, H, f, **_: Any) -> Forged:
         return Forged(_rows(_mean(H), f, H.dtype), copies=True)
 
+    def _forge_batch(self, H, f, **_: Any) -> Forged:
+        return self._forge(H, f)  # shape-generic
+
 
 @registry.register("nan")
 class NanAttack(Attack):
@@ -484,6 +597,9 @@ class NanAttack(Attack):
 
     def _forge(self, H, f, **_: Any) -> Forged:
         return Forged(torch.full((f, H.shape[1]), math.nan, dtype=H.dtype, device=H.device))
+
+    def _forge_batch(self, H, f, **_: Any) -> Forged:
+        return Forged(torch.full((H.shape[0], f, H.shape[2]), math.nan, dtype=H.dtype, device=H.device))
 
 
 @registry.register("inf")
@@ -502,6 +618,10 @@ class InfAttack(Attack):
     def _forge(self, H, f, **_: Any) -> Forged:
         value = -math.inf if self.params["negative"] else math.inf
         return Forged(torch.full((f, H.shape[1]), value, dtype=H.dtype, device=H.device))
+
+    def _forge_batch(self, H, f, **_: Any) -> Forged:
+        value = -math.inf if self.params["negative"] else math.inf
+        return Forged(torch.full((H.shape[0], f, H.shape[2]), value, dtype=H.dtype, device=H.device))
 
 
 class _FactorAttack(Attack):
@@ -560,6 +680,31 @@ class _FactorAttack(Attack):
             x = self._fixed_factor(H.shape[0], f)
             info = {"factor": x}
         vector = self._combine(mu, direction, sign * x)
+        return Forged(_rows(vector, f, H.dtype, out), None, info, copies=True)
+
+    def _combine_batch(self, mu: Tensor, direction: Tensor, coefs: list[float]) -> Tensor:
+        """``μ_s + coefs[s]·a_s`` for every slice (``(S, d)``; on the CPU bit for bit :meth:`_combine`
+        per slice: ``addcmul`` and ``add(alpha=)`` round the same fused product)."""
+        coef = torch.tensor(coefs, dtype=mu.dtype, device=mu.device).unsqueeze(-1)
+        return torch.addcmul(mu, direction, coef)
+
+    def _forge_batch(self, H, f, *, aggregator, gens, out=None, **_: Any) -> Forged:
+        mu, direction = self._direction(H, f)
+        sign = self._sign()
+        S = H.shape[0]
+        if self.params["factor"] == "optimal":
+            found = _search_factors(
+                H, f, mu, lambda xs: self._combine_batch(mu, direction, [sign * x for x in xs]), aggregator, gens,
+                self.params["evals"],
+            )
+            xs = [x for x, _, _ in found]
+            info: dict[str, Any] = {"factor": xs, "objective": [y for _, y, _ in found],
+                                    "evaluations": [c for _, _, c in found]}
+            vector = self._combine_batch(mu, direction, [sign * x for x in xs])
+        else:
+            x = self._fixed_factor(H.shape[1], f)
+            info = {"factor": [x] * S}
+            vector = self._combine(mu, direction, sign * x)
         return Forged(_rows(vector, f, H.dtype, out), None, info, copies=True)
 
 
@@ -634,6 +779,9 @@ class EmpireAttack(_FactorAttack):
     def _combine(self, mu, direction, coef):
         return mu * (1.0 - coef)  # = μ + coef·(−μ), without the cancellation of μ − coef·μ
 
+    def _combine_batch(self, mu, direction, coefs):
+        return mu * torch.tensor([1.0 - c for c in coefs], dtype=mu.dtype, device=mu.device).unsqueeze(-1)
+
 
 @registry.register("bulyan-coordinate", "bulyan")
 class BulyanCoordinateAttack(_FactorAttack):
@@ -674,17 +822,21 @@ class BulyanCoordinateAttack(_FactorAttack):
         j = self.params["coordinate"]
         if j == "all":
             return mu, torch.ones_like(mu)
-        d = mu.shape[0]
+        d = mu.shape[-1]
         if not -d <= j < d:
             raise UsageError(OPTION, f"bulyan-coordinate: coordinate {j} is out of range for d = {d}")
         direction = torch.zeros_like(mu)
-        direction[j] = 1.0
+        direction[..., j] = 1.0
         return mu, direction
 
 
 @registry.register("sign-flip", "signflip", "sign_flip")
 class SignFlipAttack(Attack):
     """Sign flipping: ``−scale·μ`` (ByzFL ``SignFlipping`` with ``scale = 1``; Allen-Zhu et al. 2020).
+
+    Every Byzantine worker sends the negated mean ``μ`` of the honest vectors (an omniscient attack;
+    all rows equal). Karimireddy, He & Jaggi's *bit flip* (arXiv 2006.09365) is different: each
+    Byzantine worker negates the gradient it computes on its own data — that is ``bit-flip``.
 
     Parameters
     ----------
@@ -697,6 +849,9 @@ class SignFlipAttack(Attack):
 
     def _forge(self, H, f, **_: Any) -> Forged:
         return Forged(_rows(_mean(H).mul_(-self.params["scale"]), f, H.dtype), copies=True)
+
+    def _forge_batch(self, H, f, **_: Any) -> Forged:
+        return self._forge(H, f)  # shape-generic
 
 
 @registry.register("gaussian")
@@ -740,6 +895,21 @@ class GaussianAttack(Attack):
             noise = noise.expand(f, -1).contiguous()
         return Forged(noise)
 
+    def _forge_batch(self, H, f, *, gens, **_: Any) -> Forged:
+        p = self.params
+        work = _work_dtype(H.dtype)
+        S, _, d = H.shape
+        rows = 1 if p["identical"] else f
+        # slice s draws exactly what the 2-D call draws from gens[s] (a loop over slices, for the draws only)
+        noise = torch.stack([torch.randn((rows, d), generator=g, dtype=work, device=H.device) for g in gens])
+        noise.mul_(p["std"]).add_(p["mean"])
+        if p["centred"]:
+            noise.add_(_mean(H).unsqueeze(-2))
+        noise = noise.to(H.dtype)
+        if rows != f:
+            noise = noise.expand(S, f, d).contiguous()
+        return Forged(noise)
+
 
 @registry.register("label-flip", "labelflip", "label_flip")
 class LabelFlipAttack(Attack):
@@ -768,6 +938,58 @@ class LabelFlipAttack(Attack):
             shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
             raise UsageError(OPTION, f"label-flip: own must have shape ({f}, {H.shape[1]}), got {shape}")
         return Forged(own.to(dtype=H.dtype, device=H.device, copy=True).contiguous())
+
+    def _forge_batch(self, H, f, *, own, **_: Any) -> Forged:
+        S, _, d = H.shape
+        if own is None:
+            return self._forge(H[0], f, own=None)  # the error of the 2-D call
+        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (S, f, d):
+            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
+            raise UsageError(OPTION, f"label-flip: own must have shape ({S}, {f}, {d}) for a batch, got {shape}")
+        return Forged(own.to(dtype=H.dtype, device=H.device, copy=True).contiguous())
+
+
+def _same_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """The labels unchanged (a copy): the label map of attacks that compute on correctly labelled data."""
+    return labels.clone()
+
+
+@registry.register("bit-flip", "bitflip", "bit_flip")
+class BitFlipAttack(Attack):
+    """Bit flipping as Karimireddy, He & Jaggi define it (*Byzantine-Robust Learning on Heterogeneous
+    Datasets via Bucketing*, ICLR 2022, arXiv 2006.09365; ``BitFlippingWorker`` of their code): each
+    Byzantine worker ``j`` sends ``−g_j``, the negation of the gradient it computes on a batch of its
+    *own* (IID) data with the true labels.
+
+    The rows differ (each worker negates its own gradient). This is not ``sign-flip``, which sends
+    ``−μ``, the negated mean of the honest vectors (an omniscient attack; all rows equal). As with
+    ``label-flip``, the simulation computes the gradients (:attr:`label_map` is the identity) and
+    passes the ``(f, d)`` result as ``own``; whether they are clipped/noised like the honest ones is
+    the simulation's choice.
+    """
+
+    needs_own_gradients = True
+    label_map = staticmethod(_same_labels)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _forge(self, H, f, *, own, **_: Any) -> Forged:
+        if own is None:
+            raise UsageError(OPTION, "bit-flip needs the Byzantine workers' own gradients (true labels): pass own=")
+        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (f, H.shape[1]):
+            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
+            raise UsageError(OPTION, f"bit-flip: own must have shape ({f}, {H.shape[1]}), got {shape}")
+        return Forged(torch.neg(own.to(device=H.device)).to(H.dtype).contiguous())
+
+    def _forge_batch(self, H, f, *, own, **_: Any) -> Forged:
+        S, _, d = H.shape
+        if own is None:
+            return self._forge(H[0], f, own=None)  # the error of the 2-D call
+        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (S, f, d):
+            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
+            raise UsageError(OPTION, f"bit-flip: own must have shape ({S}, {f}, {d}) for a batch, got {shape}")
+        return Forged(torch.neg(own.to(device=H.device)).to(H.dtype).contiguous())
 
 
 @registry.register("mimic")
@@ -823,6 +1045,36 @@ class MimicAttack(Attack):
             return Forged(_rows(H[target], f, H.dtype), state, copies=True)
         return self._auto(H, f, state)
 
+    def _forge_batch(self, H, f, *, state, **_: Any) -> Forged:
+        S, h, d = H.shape
+        target = self.params["target"]
+        if target != "auto":
+            if target >= h:
+                raise UsageError(OPTION, f"mimic: target {target} is not an honest row (h = {h})")
+            return Forged(_rows(H[:, target], f, H.dtype), state, copies=True)
+        state = _stack_mimic_states(state, S)
+        t = 0 if state is None else int(state.step)
+        if t < self.params["warmup"]:
+            # warm-up steps (an eigendecomposition or a power step per slice, `warmup` steps in a run):
+            # slice by slice with the 2-D code, so that each slice's direction and target are its own
+            parts = [
+                self._auto(H[s], f, None if state is None else
+                           MimicState(step=t, mean=state.mean[s], direction=state.direction[s], target=state.target[s]))
+                for s in range(S)
+            ]
+            stacked = MimicState(
+                step=t + 1,
+                mean=torch.stack([p.state.mean for p in parts]),
+                direction=torch.stack([p.state.direction for p in parts]),
+                target=torch.stack([p.state.target for p in parts]),
+            )
+            return Forged(torch.stack([p.value for p in parts]), stacked)
+        if tuple(state.direction.shape) != (S, d) or tuple(state.target.shape) != (S,):
+            raise UsageError(OPTION, "mimic(target=auto): the state does not match H (batch size or dimension)")
+        target = state.target if state.target.device == H.device else state.target.to(H.device)
+        value = _rows(H[torch.arange(S, device=H.device), target], f, H.dtype)
+        return Forged(value, MimicState(step=t + 1, mean=state.mean, direction=state.direction, target=target))
+
     def _auto(self, H: Tensor, f: int, state: MimicState | None) -> Forged:
         X = _work(H)
         h, d = X.shape
@@ -865,13 +1117,69 @@ class MimicAttack(Attack):
 def _check_honest(H: Any) -> Tensor:
     if not isinstance(H, torch.Tensor):
         raise UsageError(OPTION, f"honest vectors must be a torch.Tensor, got {type(H).__name__}")
-    if H.dim() != 2:
-        raise UsageError(OPTION, f"honest vectors must be a 2-D (h, d) tensor, got shape {tuple(H.shape)}")
+    if H.dim() not in (2, 3):
+        raise UsageError(OPTION, f"honest vectors must be a 2-D (h, d) tensor or a 3-D (S, h, d) batch, got shape "
+                                 f"{tuple(H.shape)}")
     if not H.dtype.is_floating_point:
         raise UsageError(OPTION, f"honest vectors must be floating point, got {H.dtype}")
-    if H.shape[0] < 1:
+    if H.shape[-2] < 1:
         raise UsageError(OPTION, "at least one honest vector is needed")
+    if H.dim() == 3 and H.shape[0] < 1:
+        raise UsageError(OPTION, "a batch of honest vectors needs at least one slice (S >= 1)")
     return H
+
+
+def _written_into(out: Tensor | None, forged: Forged) -> Forged:
+    """``forged`` with its vectors in ``out`` (copied there unless the attack wrote them in place)."""
+    if out is None or forged.value is out:
+        return forged
+    out.copy_(forged.value)
+    return Forged(out, forged.state, forged.info, forged.copies)
+
+
+def _generators(generator: Any, S: int) -> list[torch.Generator | None]:
+    """One generator (or ``None``) per slice of a batch: a single one stands for ``[generator] * S``
+    (the slices draw from it in turn, in slice order)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * S
+    if not isinstance(generator, (list, tuple)):
+        raise UsageError(OPTION, f"generator must be a torch.Generator or a sequence of {S} of them (one per "
+                                 f"slice), got {type(generator).__name__}")
+    if len(generator) != S:
+        raise UsageError(OPTION, f"a batch of {S} slices needs {S} generators (one per slice), got {len(generator)}")
+    for g in generator:
+        if g is not None and not isinstance(g, torch.Generator):
+            raise UsageError(OPTION, f"generator must be a torch.Generator, got {type(g).__name__}")
+    return list(generator)
+
+
+def _slice_states(state: Any, S: int, name: str) -> list[Any]:
+    """The per-slice states of a batch: ``None`` (all fresh) or a sequence of ``S``."""
+    if state is None:
+        return [None] * S
+    if not isinstance(state, (list, tuple)) or len(state) != S:
+        raise UsageError(OPTION, f"attack {name!r}: the state of a batch of {S} slices must be a sequence of {S} "
+                                 f"per-slice states, got {type(state).__name__}")
+    return list(state)
+
+
+def _stack_mimic_states(state: Any, S: int) -> MimicState | None:
+    """The state of ``mimic(target=auto)`` for a batch of ``S``: ``None``, a batched :class:`MimicState`
+    (tensors with a leading ``S``), or a sequence of ``S`` per-slice states at the same step (stacked)."""
+    if state is None or isinstance(state, MimicState):
+        return state
+    if isinstance(state, (list, tuple)) and len(state) == S:
+        if all(s is None for s in state):
+            return None
+        if all(isinstance(s, MimicState) for s in state) and len({int(s.step) for s in state}) == 1:
+            return MimicState(
+                step=int(state[0].step),
+                mean=torch.stack([s.mean for s in state]),
+                direction=torch.stack([s.direction for s in state]),
+                target=torch.stack([s.target.reshape(()) for s in state]),
+            )
+    raise UsageError(OPTION, f"mimic(target=auto): the state of a batch of {S} slices must be a MimicState or a "
+                             f"sequence of {S} MimicStates at the same step, got {type(state).__name__}")
 
 
 def _check_f(f: Any) -> int:
@@ -899,14 +1207,18 @@ def _work(H: Tensor) -> Tensor:
 
 
 def _mean(H: Tensor) -> Tensor:
-    """Honest mean in the compute dtype (a new tensor)."""
-    return _work(H).sum(dim=0).div_(H.shape[0])
+    """Honest mean in the compute dtype (a new ``(d,)`` tensor, ``(S, d)`` for a batch)."""
+    return _work(H).sum(dim=-2).div_(H.shape[-2])
 
 
 def _rows(vector: Tensor, f: int, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
     """``f`` copies of ``vector`` as a new contiguous ``(f, d)`` tensor of ``dtype`` (one copy of an
-    expanded view: ``Tensor.repeat`` costs 4× more for small vectors), or written into ``out``."""
-    rows = vector.expand(f, vector.shape[-1])
+    expanded view: ``Tensor.repeat`` costs 4× more for small vectors), or written into ``out``; a batch
+    of vectors ``(S, d)`` gives ``(S, f, d)``."""
+    if vector.dim() == 1:
+        rows = vector.expand(f, vector.shape[-1])
+    else:
+        rows = vector.unsqueeze(-2).expand(*vector.shape[:-1], f, vector.shape[-1])
     if out is not None:
         return out.copy_(rows)
     return rows.clone(memory_format=torch.contiguous_format) if vector.dtype == dtype else rows.to(dtype, copy=True)
@@ -965,6 +1277,46 @@ def _search_factor(
         return float(torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2)
 
     return line_maximize(objective, evals)
+
+
+def _search_factors(
+    H: Tensor,
+    f: int,
+    mu: Tensor,
+    vectors: Callable[[list[float]], Tensor],
+    aggregator: Aggregator,
+    gens: list[torch.Generator | None],
+    evals: int,
+) -> list[tuple[float, float, int]]:
+    """:func:`_search_factor` for a batch ``H`` of shape ``(S, h, d)``: ``S`` line searches in lockstep.
+
+    Round ``k`` places every slice's ``k``-th probe ``vectors(xs)[s]`` (``(S, d)``) in its Byzantine rows
+    and calls ``aggregator`` once on the ``(S, h + f, d)`` stack (``generator``: a copy of each slice's
+    generator); each slice's search sees only its own score, so it probes and returns what the 2-D
+    search on that slice does with the same aggregate values."""
+    S, h, d = H.shape
+    G = H.new_empty((S, h + f, d))
+    G[:, :h] = H
+    pass_generator = any(g is not None for g in gens) and _accepts_generator(aggregator)
+    searches = [_line_search(evals, 0.0, 1.0, 0.8) for _ in range(S)]
+    probes = [next(search) for search in searches]
+    found: list[tuple[float, float, int] | None] = [None] * S
+    while any(r is None for r in found):
+        G[:, h:] = vectors(probes).to(H.dtype).unsqueeze(-2)
+        kwargs = {"generator": [None if g is None else _fork(g) for g in gens]} if pass_generator else {}
+        value = _aggregate_value(aggregator(G, f, **kwargs))
+        if tuple(value.shape) != (S, d):
+            raise UsageError(
+                OPTION, f"the aggregator returned shape {tuple(value.shape)} for a batch, expected {(S, d)}"
+            )
+        scores = (torch.linalg.vector_norm(value.to(mu.dtype) - mu, dim=-1, dtype=torch.float64) ** 2).tolist()
+        for s, search in enumerate(searches):
+            if found[s] is None:
+                try:
+                    probes[s] = search.send(_score(scores[s]))
+                except StopIteration as stop:
+                    found[s] = stop.value
+    return found  # type: ignore[return-value]
 
 
 # Parameter checks of this family: :mod:`dpbr.validate`'s, naming ``--attack``.

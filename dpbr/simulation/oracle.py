@@ -85,6 +85,7 @@ class GradientOracle:
             p.data = v
         self._vmapped = torch.func.vmap(torch.func.grad(self._batch_loss, has_aux=True), in_dims=(None, 0, 0))
         self._per_example = torch.func.vmap(torch.func.grad(self._example_loss, has_aux=True), in_dims=(None, 0, 0))
+        self._stacked: Callable[..., tuple[dict[str, Tensor], Tensor]] | None = None  # made on first use
 
     def views(self, theta: Tensor) -> dict[str, Tensor]:
         """``{parameter name: view of theta}`` in the model's parameter order."""
@@ -133,6 +134,25 @@ class GradientOracle:
             torch.cat([g.reshape(-1) for g in grads], out=out[i])
             losses[i] = loss.detach()
         return out, losses
+
+    def stacked_batch_gradients(self, thetas: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mini-batch gradients of ``S`` parameter vectors at once (the members of a
+        :class:`~dpbr.simulation.batch.SeedBatch`): ``thetas`` (S, d), ``x`` (S, h, b, ...) and ``y``
+        (S, h, b) → ``(G (S, h, d), losses (S, h))``.
+
+        ``torch.func.vmap`` over the ``S`` vectors of the per-worker ``vmap`` of :meth:`batch_gradients`:
+        one batched kernel per layer for all ``S·h`` workers. Row ``s`` equals :meth:`batch_gradients`
+        at ``thetas[s]`` up to the float32 rounding of reordered sums (batched kernels).
+        """
+        if self._stacked is None:
+            self._stacked = torch.func.vmap(self._vmapped, in_dims=(0, 0, 0))
+        S, h = thetas.shape[0], x.shape[1]
+        params, offset = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            params[name] = thetas[:, offset:offset + size].reshape(S, *shape)
+            offset += size
+        grads, losses = self._stacked(params, x, y)
+        return torch.cat([g.reshape(S, h, -1) for g in grads.values()], dim=2), losses
 
     def clipped_per_example_gradients(self, x: Tensor, y: Tensor, clip: float) -> tuple[Tensor, Tensor]:
         """Mean over each worker's batch of per-example gradients clipped to norm ``clip``.

@@ -64,3 +64,34 @@ def test_tiny_grid_runs_through_the_slurm_profile(slurm_cluster, run_snakemake_s
     spec = next(iter(cells.values()))
     for path in figure_paths(tmp_path / "results" / "figures", figure_group(spec.dataset, spec.model), ["png"]):
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.integration
+def test_bundles_of_seeds_run_as_slurm_jobs(slurm_cluster, run_snakemake_slurm, tmp_path):
+    """With `train.bundle: seeds` the 2 seeds of each cell are one SLURM job: the job parses the workflow
+    again on the node and rebuilds its bundle rule from the rule's name, with rule `train`'s resources."""
+    from dpbr.report.grid import expand
+    from dpbr.spec import RunSpec
+
+    defaults = {k: v for k, v in TINY["train"]["defaults"].items() if k != "seed"}
+    tiny = {**TINY, "train": {"bundle": "seeds", "defaults": defaults,
+                              "grid": [{**TINY["train"]["grid"][0], "seed": [1, 2]}]}}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny, sort_keys=False))
+    run = run_snakemake_slurm(tmp_path, REPO / "Snakefile", ["--configfile", str(config)], profiles=("slurm",),
+                              timeout=480)
+    assert not run.timed_out, f"snakemake hung ({run.seconds:.0f} s):\n{run.output[-4000:]}"
+    assert run.returncode == 0, run.output[-4000:]
+    cells = expand(tiny["train"], RunSpec, "train")
+    assert len(cells) == 4
+    for spec in cells.values():
+        assert (tmp_path / spec.path("results")).stat().st_size > 0
+    ids = run.slurm_job_ids
+    assert len(ids) == 2, run.output[-4000:]  # one job per cell's seeds
+    for job_id in ids:
+        job = run.slurm_job(job_id)
+        assert job["JobState"] == "COMPLETED", job
+        assert job["MinMemoryNode"] in ("700M", "700"), job
+        assert job["TimeLimit"] == "00:07:00", job
+    logs = sorted((tmp_path / "logs" / "train" / "bundles").glob("train_bundle_*.log"))
+    assert len(logs) == 2 and all(log.read_text().count("\nwrote ") == 2 for log in logs)
