@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from dpbr.errors import UsageError
 
-__all__ = ["OPTION", "check_input", "cnn_spatial", "default_hparams", "lenet_spatial", "names", "resolve"]
+__all__ = ["OPTION", "check_input", "cnn_spatial", "default_hparams", "lenet_spatial", "mnist_example_spatial", "names",
+           "resolve"]
 
 OPTION = "--model"
 
@@ -26,12 +27,14 @@ _PARAMS: dict[str, dict[str, Any]] = {
     "cnn": {},
     "lenet": {},
     "resnet": {"depth": 20, "width": 1, "norm": "group"},
+    "mnist-example": {"width": 1},
 }
 _NORMS = ("group", "batch", "none")
 
 
 def names() -> list[str]:
-    """Model names (``resnet`` takes ``depth``, ``width`` and ``norm`` parameters)."""
+    """Model names (``resnet`` takes ``depth``, ``width`` and ``norm`` parameters, ``mnist-example``
+    takes ``width``)."""
     return sorted(_PARAMS)
 
 
@@ -61,6 +64,10 @@ def resolve(name: str) -> tuple[str, dict[str, Any]]:
             raise UsageError(OPTION, f"resnet width must be a positive integer, got {width!r}")
         if norm not in _NORMS:
             raise UsageError(OPTION, f"resnet norm must be one of {', '.join(_NORMS)}, got {norm!r}")
+    if base == "mnist-example":
+        width = params["width"]
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise UsageError(OPTION, f"mnist-example width must be a positive integer, got {width!r}")
     return base, params
 
 
@@ -76,6 +83,10 @@ def default_hparams(model_name: str) -> dict[str, Any]:
       ``reproduce.py``; its modified copy is not public, so no CNN-specific value is known. Only the
       loss differs (cross-entropy; LPD ``nll`` on ``log_softmax``). Treat these as the study's
       setting, not as tuned values.
+    * ``mnist-example``: the setting of Karimireddy, He & Jaggi's bucketing experiments (arXiv
+      2006.09365, their public code ``epfml/byzantine-robust-noniid-optimizer``): server SGD with lr
+      0.01 and no server momentum, 600 steps, evaluation every 30 steps; no gradient clipping in that
+      paper (``clip`` is only read by the privacy mechanisms, set to 1.0 here), no weight decay.
     * ``lenet``, ``resnet``: *not from the study* — common choices: SGD lr 0.1, momentum 0.9,
       clip 1.0 (resnet: weight decay 5e-4, He et al.'s CIFAR setting). DLG/IG attack untrained or
       briefly trained models, so these only matter for training runs.
@@ -87,12 +98,20 @@ def default_hparams(model_name: str) -> dict[str, Any]:
         return dict(study)
     if base == "lenet":
         return {**study, "lr": 0.1, "momentum": 0.9, "clip": 1.0}
+    if base == "mnist-example":
+        return {**study, "lr": 0.01, "momentum": 0.0, "clip": 1.0, "steps": 600, "eval_every": 30}
     return {**study, "lr": 0.1, "momentum": 0.9, "clip": 1.0, "weight_decay": 5e-4}
 
 
 def cnn_spatial(h: int) -> int:
     """Side of the CNN's last feature map for an input side ``h`` (two 5×5 valid convs, two 2×2 pools)."""
     return ((h - 4) // 2 - 4) // 2
+
+
+def mnist_example_spatial(h: int) -> int:
+    """Side of the MNIST-example network's pooled feature map for an input side ``h`` (two 3×3 valid
+    convs, one 2×2 pool): 12 for 28."""
+    return (h - 4) // 2
 
 
 def lenet_spatial(h: int) -> int:
@@ -117,5 +136,7 @@ def check_input(name: str, input_shape: Sequence[int], num_classes: int) -> None
     c, h, w = shape
     if base == "cnn" and (cnn_spatial(h) < 1 or cnn_spatial(w) < 1):
         raise ValueError(f"cnn needs images of at least 16×16, got {h}×{w}")
+    if base == "mnist-example" and (mnist_example_spatial(h) < 1 or mnist_example_spatial(w) < 1):
+        raise ValueError(f"mnist-example needs images of at least 6×6, got {h}×{w}")
     if base in ("lenet", "resnet") and min(h, w) < 2:
         raise ValueError(f"{base} needs images of at least 2×2, got {h}×{w}")

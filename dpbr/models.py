@@ -13,6 +13,12 @@ name        architecture                                                 paramet
             ``(depth−2)/6`` basic blocks with ``16w, 32w, 64w`` channels,  ``resnet(depth=32,width=10)``
             strides 1, 2, 2, 1×1 projection shortcuts, global average      = ResNet32-10 of Inverting
             pooling, ``Linear(64w → K)``; ``norm=group|batch|none``        Gradients, 46.43 M (≈ 46.4 M)
+``mnist-    PyTorch's MNIST example, as in Karimireddy, He & Jaggi's      1,199,882 on 1×28×28, 10
+example``   bucketing experiments (arXiv 2006.09365): ``Conv(C,32w,3) →  classes (``width=1``)
+            ReLU → Conv(32w,64w,3) → ReLU → MaxPool2 → Dropout(0.25) →
+            Linear(F,128) → ReLU → Dropout(0.5) → Linear(128,K) →
+            log_softmax``; ``width`` as their exp8 (see
+            :class:`MNISTExample` for dropout)
 ==========  ===========================================================  ===============================
 
 Inputs are in ``[0, 1]`` (images ``(N, C, H, W)``, vectors ``(N, D)``); every model first applies
@@ -23,7 +29,8 @@ reproduces).
 
 Initialisation is deterministic from ``seed``: the module is built inside
 ``torch.random.fork_rng`` seeded with ``dpbr.rng.derive_seed(seed, "model-init")``, so the global RNG
-is left untouched. ``logit`` and ``cnn`` keep PyTorch's default initialisation (as LPD's code did);
+is left untouched. ``logit``, ``cnn`` and ``mnist-example`` keep PyTorch's default initialisation (as
+LPD's and the bucketing code did);
 ``lenet`` uses DLG's ``U(−0.5, 0.5)``; ``resnet`` uses Kaiming-normal (fan-out) convolutions, unit/zero
 norm affine parameters and PyTorch's default for the last layer.
 
@@ -43,7 +50,9 @@ Task facts
 ``logit``: the output is the sigmoid probability ``ŷ`` of shape ``(N,)``; loss is the MSE
 ``mean((ŷ − y)²)`` with ``y ∈ {0, 1}`` (LPD ``--loss mse --criterion sigmoid``); correct means
 ``|y − ŷ| < 0.5``. The others output logits ``(N, K)``; loss is cross-entropy (LPD: ``log_softmax`` +
-NLL, the same thing); correct means ``argmax = y``.
+NLL, the same thing); correct means ``argmax = y``. ``mnist-example`` outputs log-probabilities
+``(N, K)`` (``log_softmax``) and its loss is the NLL ``−log p_y`` (``F.nll_loss``), as in the MNIST
+example and the bucketing code.
 """
 
 from __future__ import annotations
@@ -61,10 +70,12 @@ from dpbr.model_catalog import OPTION as _OPTION
 from dpbr.model_catalog import check_input, default_hparams, names  # re-exported (see __all__)
 from dpbr.model_catalog import cnn_spatial as _cnn_spatial
 from dpbr.model_catalog import lenet_spatial as _lenet_spatial
+from dpbr.model_catalog import mnist_example_spatial as _mnist_example_spatial
 from dpbr.model_catalog import resolve as _resolve
 
 __all__ = [
     "Loss",
+    "MNISTExample",
     "build",
     "check_input",
     "correct",
@@ -184,6 +195,64 @@ class LeNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.body(self.normalize(x)).flatten(1))
+
+
+class MNISTExample(nn.Module):
+    """The network of PyTorch's MNIST example, as used by Karimireddy, He & Jaggi, *Byzantine-Robust
+    Learning on Heterogeneous Datasets via Bucketing* (ICLR 2022, arXiv 2006.09365).
+
+    ``Conv(C, 32w, 3) → ReLU → Conv(32w, 64w, 3) → ReLU → MaxPool2 → Dropout(0.25) → flatten →
+    Linear(64w·s², 128) → ReLU → Dropout(0.5) → Linear(128, K) → log_softmax`` with ``s = (H − 4)/2``
+    (12 on 28×28: ``64·144 = 9216`` features; 1,199,882 parameters for ``w = 1``, ``K = 10``). The
+    width ``w`` multiplies the convolution channels as in the paper's model-size experiment (exp8).
+    The output is log-probabilities; the loss is the NLL (:func:`loss`).
+
+    Dropout
+    -------
+    Inverted dropout (kept units scaled by ``1/(1 − p)``) with ``p = 0.25`` and ``0.5`` runs only when
+    the module is in training mode **and** :attr:`dropout_generator` is a ``torch.Generator``; its masks
+    are ``torch.rand(shape, generator=g) ≥ p``, so the same generator seed gives the same masks. By
+    default :attr:`dropout_generator` is ``None`` and the network has **no dropout**: it is a
+    deterministic function of ``θ`` and ``x``, in training and evaluation alike.
+
+    dpbr's simulation (``dpbr train``) keeps that default, so its runs train without dropout — a
+    deliberate difference from the paper. The simulation computes the workers' gradients with
+    ``torch.func.vmap``, which refuses random operations in its default ``randomness="error"`` mode,
+    and evaluates without switching the module's mode; dropout off keeps every gradient strategy
+    (vmap, a loop of backward passes, per-example gradients) and the evaluation exact and the run
+    reproducible from its spec and seed. Code that computes gradients with ordinary autograd can set
+    ``model.dropout_generator = torch.Generator().manual_seed(s)`` (and ``model.eval()`` to evaluate).
+    The paper's copy of the network uses ``Dropout2d`` (whole channels of the pooled map); the
+    current PyTorch example and this class drop single units.
+    """
+
+    #: Dropout rates after the pooling and after the first linear layer.
+    P_POOL = 0.25
+    P_HIDDEN = 0.5
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, normalize: Normalize, width: int = 1) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.normalize = normalize
+        self.conv1 = nn.Conv2d(c, 32 * width, 3, 1)
+        self.conv2 = nn.Conv2d(32 * width, 64 * width, 3, 1)
+        self.fc1 = nn.Linear(64 * width * _mnist_example_spatial(h) * _mnist_example_spatial(w), 128)
+        self.fc2 = nn.Linear(128, num_classes)
+        #: Source of the dropout masks; ``None`` (default) = no dropout (see the class docstring).
+        self.dropout_generator: torch.Generator | None = None
+
+    def _dropout(self, x: Tensor, p: float) -> Tensor:
+        g = self.dropout_generator
+        if not self.training or g is None:
+            return x
+        keep = torch.rand(x.shape, generator=g, device=g.device) >= p
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1 - p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(self.normalize(x)))))
+        x = self._dropout(F.max_pool2d(x, 2), self.P_POOL)
+        x = self._dropout(F.relu(self.fc1(x.flatten(1))), self.P_HIDDEN)
+        return F.log_softmax(self.fc2(x), dim=1)
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -335,6 +404,8 @@ def build(
             model = LeNet(shape, num_classes, norm)
             for p in model.parameters():
                 nn.init.uniform_(p, -0.5, 0.5)
+        elif base == "mnist-example":
+            model = MNISTExample(shape, num_classes, norm, width=params["width"])
         else:
             model = ResNet(shape, num_classes, norm, depth=params["depth"], width=params["width"], norm=params["norm"])
     model.model_name = name  # type: ignore[attr-defined]
@@ -356,6 +427,10 @@ def _ce_per_example(output: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(output, target, reduction="none")
 
 
+def _nll_per_example(output: Tensor, target: Tensor) -> Tensor:
+    return F.nll_loss(output, target, reduction="none")
+
+
 @dataclass(frozen=True)
 class Loss:
     """The training loss of a model: ``loss(output, target)`` is the batch mean; ``.per_example`` the vector."""
@@ -368,8 +443,11 @@ class Loss:
 
 
 def loss(name: str) -> Loss:
-    """The loss of model ``name``: MSE on the sigmoid output for ``logit``, cross-entropy otherwise."""
+    """The loss of model ``name``: MSE on the sigmoid output for ``logit``, NLL ``−log p_y`` on the
+    log-probabilities of ``mnist-example``, cross-entropy on the logits otherwise."""
     base, _ = _resolve(name)
+    if base == "mnist-example":
+        return Loss("nll", _nll_per_example)
     if base == "logit":
         return Loss("mse", _mse_per_example)
     return Loss("cross-entropy", _ce_per_example)

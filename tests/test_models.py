@@ -13,7 +13,7 @@ IMG = (1, 28, 28)
 
 
 def test_names():
-    assert models.names() == ["cnn", "lenet", "logit", "resnet"]
+    assert models.names() == ["cnn", "lenet", "logit", "mnist-example", "resnet"]
     with pytest.raises(UsageError, match="--model.*unknown model 'vgg'"):
         models.build("vgg", input_shape=IMG, num_classes=10, seed=0)
     with pytest.raises(UsageError, match="no parameter 'depth'"):

@@ -76,7 +76,8 @@ def quantize_term(text: str) -> str:
     """The mechanism spec of a ``--quantize`` value: ``"uniform(bits=8)" -> "quantize(bits=8,kind=uniform)"``.
 
     Accepted forms: a kind with parameters (``uniform(bits=8)``, ``stochastic(bits=4)``, ``sign``,
-    ``qsgd(levels=16)``) or an already complete ``quantize(...)`` term.
+    ``qsgd(levels=16)``, ``fp16``, ``bf16``, ``log2(bits=4)``, ``kmeans(levels=16)``,
+    ``fixed(int_bits=3,frac_bits=12)``) or an already complete ``quantize(...)`` term.
     """
     kind, params = _quantizer(text)
     return format_term("quantize", {**params, "kind": kind})
@@ -265,7 +266,7 @@ def _quantize_label(text: str) -> str:
         text = f"uniform(bits={text})"
     kind, params = _quantizer(text)
     try:
-        mechanisms.registry.build("quantize", **{**params, "kind": kind})  # validates kind and parameters
+        built = mechanisms.registry.build("quantize", **{**params, "kind": kind})  # validates kind and parameters
     except UsageError as exc:  # the mechanism's own label is not an option of dpbr train
         raise UsageError("--quantize", exc.message.removeprefix("quantize: ")) from None
-    return format_term(kind, params)
+    return format_term(built.kind, params)  # the canonical kind: k-means(levels=4) -> kmeans(levels=4)

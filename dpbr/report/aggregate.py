@@ -12,7 +12,9 @@ parameters, so their concatenation is already a tidy table). Outputs (names from
     evaluation of each run, mean and sample standard deviation (``ddof = 1``; undefined for one
     seed) over the completed runs, min and max, the test loss likewise, the number of runs and how
     many diverged. A run that diverged has no final accuracy (NaN): its last evaluation before the
-    divergence is not a result of the configured number of steps.
+    divergence is not a result of the configured number of steps. Also the mean ± std over seeds of
+    each run's mean accuracy over its last ``k = 5`` evaluations (``last_k_accuracy_*``), the table
+    value of Karimireddy, He & Jaggi (arXiv 2006.09365).
 ``curves.parquet``
     Per group and step: mean, standard deviation and count over seeds of the test accuracy and test
     loss at each evaluation step, and of the training loss averaged over windows ``(s − w, s]`` of
@@ -40,6 +42,7 @@ from dpbr.spec import RunSpec
 
 __all__ = [
     "GROUP_FIELDS",
+    "LAST_K",
     "aggregate",
     "curves_table",
     "final_accuracy_table",
@@ -52,6 +55,10 @@ __all__ = [
 
 #: The parameters that identify a group of seeds: every RunSpec field except ``seed``.
 GROUP_FIELDS: tuple[str, ...] = tuple(f for f in spec_fields(RunSpec) if f != "seed")
+
+#: Evaluations averaged by the ``last_k_accuracy`` columns: the last 5, as in the tables of
+#: Karimireddy, He & Jaggi (arXiv 2006.09365).
+LAST_K = 5
 
 #: Columns every ``dpbr train`` cell file must have to be aggregated (the tables below read them).
 CELL_COLUMNS: tuple[str, ...] = ("cell_id", "step", "train_loss", "test_accuracy", "test_loss", "status",
@@ -153,32 +160,50 @@ def load_metrics(files: Sequence[str | Path]) -> pd.DataFrame:
 _GROUP_INFO = (*GROUP_FIELDS, "privacy", "privacy_rank", "pair")
 
 
-def run_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (cell): its last evaluation (``final_step``, ``final_accuracy``, ``final_test_loss``).
+def _last_k(last_k: int) -> int:
+    if isinstance(last_k, bool) or not isinstance(last_k, (int, np.integer)) or last_k < 1:
+        raise ValueError(f"last_k must be a positive integer, got {last_k!r}")
+    return int(last_k)
 
-    Runs whose ``status`` is not ``completed`` (diverged) get NaN final values.
+
+def run_table(metrics: pd.DataFrame, last_k: int = LAST_K) -> pd.DataFrame:
+    """One row per run (cell): its last evaluation (``final_step``, ``final_accuracy``, ``final_test_loss``)
+    and the mean test accuracy of its last ``last_k`` evaluations (``last_k_accuracy``; over all of them
+    when a run has fewer, their number in ``last_k_evals``).
+
+    ``last_k_accuracy`` is the table value of Karimireddy, He & Jaggi (arXiv 2006.09365): the mean of
+    the last 5 evaluations, which smooths the step-to-step noise of the final one. Runs whose
+    ``status`` is not ``completed`` (diverged) get NaN final values and NaN ``last_k_accuracy``.
     """
+    k = _last_k(last_k)
     info = metrics.drop_duplicates("cell_id").set_index("cell_id")[[*_GROUP_INFO, "seed", "status", "group_id"]]
     steps_done = metrics.groupby("cell_id", sort=False)["step"].max().rename("steps_done")
     evals = metrics.loc[metrics["test_accuracy"].notna(), ["cell_id", "step", "test_accuracy", "test_loss"]]
-    last = (evals.sort_values(["cell_id", "step"]).groupby("cell_id", sort=False).tail(1)
+    ordered = evals.sort_values(["cell_id", "step"]).groupby("cell_id", sort=False)
+    last = (ordered.tail(1)
             .set_index("cell_id").rename(columns={"step": "final_step", "test_accuracy": "final_accuracy",
                                                   "test_loss": "final_test_loss"}))
-    runs = info.join(steps_done).join(last)
+    tail = ordered.tail(k).groupby("cell_id", sort=False)["test_accuracy"]
+    last_k_table = pd.DataFrame({"last_k_accuracy": tail.mean(), "last_k_evals": tail.count()})
+    runs = info.join(steps_done).join(last).join(last_k_table)
+    runs["last_k_evals"] = runs["last_k_evals"].fillna(0).astype(np.int64)
     runs["completed"] = runs["status"].astype(str) == "completed"
-    runs.loc[~runs["completed"], ["final_accuracy", "final_test_loss"]] = np.nan
+    runs.loc[~runs["completed"], ["final_accuracy", "final_test_loss", "last_k_accuracy"]] = np.nan
     return runs.reset_index()
 
 
-def final_accuracy_table(metrics: pd.DataFrame) -> pd.DataFrame:
+def final_accuracy_table(metrics: pd.DataFrame, last_k: int = LAST_K) -> pd.DataFrame:
     """Final test accuracy per group of seeds: mean ± std (ddof 1) over completed runs, and counts.
 
     Columns: the group's parameters, ``privacy``, ``pair``, ``runs``, ``completed``, ``diverged``,
     ``seeds``, ``accuracy_mean``, ``accuracy_std``, ``accuracy_min``, ``accuracy_max``,
     ``test_loss_mean``, ``test_loss_std``, ``final_step``, ``accuracy`` (text ``0.9123 ± 0.0041``),
-    ``group_id``. Sorted by dataset, model, privacy, pair, batch size.
+    ``last_k``, ``last_k_accuracy_mean``, ``last_k_accuracy_std`` and ``last_k_accuracy`` (text): the
+    same over seeds of each run's mean accuracy over its last ``last_k`` evaluations (default 5, the
+    table value of Karimireddy, He & Jaggi, arXiv 2006.09365; see :func:`run_table`), ``group_id``.
+    Sorted by dataset, model, privacy, pair, batch size.
     """
-    runs = run_table(metrics)
+    runs = run_table(metrics, last_k)
     g = runs.groupby("group_id", sort=False)
     out = g[list(_GROUP_INFO)].first()
     out["runs"] = g.size()
@@ -194,6 +219,12 @@ def final_accuracy_table(metrics: pd.DataFrame) -> pd.DataFrame:
     out["test_loss_std"] = g["final_test_loss"].std(ddof=1)
     out["final_step"] = g["final_step"].max()
     out["accuracy"] = [_mean_std_text(m, s, n) for m, s, n in zip(out["accuracy_mean"], out["accuracy_std"], out["completed"])]
+    out["last_k"] = np.int64(_last_k(last_k))
+    tail = g["last_k_accuracy"]
+    out["last_k_accuracy_mean"] = tail.mean()
+    out["last_k_accuracy_std"] = tail.std(ddof=1)
+    out["last_k_accuracy"] = [_mean_std_text(m, s, n) for m, s, n in
+                              zip(out["last_k_accuracy_mean"], out["last_k_accuracy_std"], out["completed"])]
     out = out.reset_index()
     order = ["dataset", "model", "privacy_rank", "pair", "batch_size", "group_id"]
     return out.sort_values(order, kind="stable").reset_index(drop=True)
@@ -251,10 +282,11 @@ def curves_table(metrics: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------- #
 
 
-def aggregate(files: Sequence[str | Path], out_dir: str | Path) -> dict[str, Path]:
+def aggregate(files: Sequence[str | Path], out_dir: str | Path, last_k: int = LAST_K) -> dict[str, Path]:
     """Write the summary tables of ``files`` into ``out_dir`` (atomically); returns ``{key: path}``.
 
-    Keys and names: :data:`dpbr.report.layout.SUMMARY_FILES`.
+    Keys and names: :data:`dpbr.report.layout.SUMMARY_FILES`. ``last_k``: the number of last
+    evaluations averaged by the ``last_k_accuracy`` columns of the final-accuracy table.
 
     Raises
     ------
@@ -265,7 +297,7 @@ def aggregate(files: Sequence[str | Path], out_dir: str | Path) -> dict[str, Pat
     import dpbr
 
     metrics = load_metrics(files)
-    final = final_accuracy_table(metrics)
+    final = final_accuracy_table(metrics, last_k)
     curves = curves_table(metrics)
     paths = summary_paths(check_folder(out_dir, "--out-dir"))
     for path in paths.values():

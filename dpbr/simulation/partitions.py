@@ -1,5 +1,5 @@
 """Worker data: which training examples each worker holds (:func:`partition`: IID, label-sorted
-shards, Dirichlet) and which ones it draws at each step (:class:`WorkerSampler`)."""
+shards, Dirichlet, long-tailed classes) and which ones it draws at each step (:class:`WorkerSampler`)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,14 @@ def partition(
         For every class, worker proportions ``p ~ Dirichlet(A·1)`` split that class's (shuffled)
         indices; small ``A`` is very skewed, large ``A`` tends to IID. Disjoint and covering; redrawn
         (up to 1,000 times) until every worker has at least ``min_size`` samples.
+    ``longtail(beta=B, shards=false)``
+        The long-tailed training set of the bucketing paper's first experiment (its code's
+        ``NONIIDLTSampler``, ``B = 0.5`` there): of class ``c = 0, 1, …`` only the first
+        ``⌊N_c · B^c⌋`` examples in dataset order are kept (``B = 1`` keeps all). Every worker samples
+        from that whole subset (``shards=false``, the paper's IID arm), or the subset is cut into
+        label-sorted contiguous shards as ``shards`` does (``shards=true``, its non-IID arm). Only the
+        training set is affected: the paper also thins its test set the same way, while dpbr evaluates
+        on the whole test split.
 
     ``generator`` (a CPU ``torch.Generator``) is the only source of randomness.
 
@@ -76,6 +84,8 @@ def partition(
             raise UsageError("--partition", "iid takes no parameters")
         full = torch.arange(n, device=device)
         return [full] * num_workers
+    if kind == "longtail":
+        return _longtail(y, num_workers, params, generator, min_size, device)
     if n < num_workers * max(min_size, 1):
         raise UsageError("--partition", f"{n} samples cannot give {num_workers} workers {min_size} sample(s) each")
     if kind == "shards":
@@ -109,7 +119,40 @@ def partition(
                 return [torch.from_numpy(np.sort(np.concatenate(ps))).to(torch.int64).to(device) for ps in parts]
         raise UsageError("--partition", f"dirichlet(alpha={a}) left a worker with fewer than {min_size} samples "
                                         f"in 1000 draws; raise alpha or use fewer workers")
-    raise UsageError("--partition", f"unknown partition {scheme!r}; allowed: iid, shards, dirichlet(alpha=A)")
+    raise UsageError("--partition", f"unknown partition {scheme!r}; allowed: iid, shards, dirichlet(alpha=A), "
+                                    f"longtail(beta=B,shards=false)")
+
+
+def _longtail(y: Tensor, num_workers: int, params: dict, generator: torch.Generator, min_size: int,
+              device: torch.device) -> list[Tensor]:
+    """The ``longtail`` scheme of :func:`partition` on CPU int64 labels ``y``."""
+    unknown = [k for k in params if k not in ("beta", "shards")]
+    if unknown:
+        raise UsageError("--partition", f"longtail has no parameter {unknown[0]!r}; allowed: beta, shards")
+    beta = params.get("beta", 0.5)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta <= 1:
+        raise UsageError("--partition", f"longtail needs 0 < beta <= 1, got {beta!r}")
+    sharded = params.get("shards", False)
+    if not isinstance(sharded, bool):
+        raise UsageError("--partition", f"longtail shards must be true or false, got {sharded!r}")
+    # rank of each example within its class (dataset order), kept while rank < ⌊N_c · β^c⌋
+    classes = int(y.max()) + 1 if y.numel() else 0
+    counts = torch.bincount(y, minlength=classes)
+    keep_per_class = torch.floor(counts.double() * float(beta) ** torch.arange(classes, dtype=torch.float64)).long()
+    order = torch.argsort(y, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(y)
+    rank[order] = torch.arange(y.numel()) - starts[y[order]]
+    kept = torch.nonzero(rank < keep_per_class[y]).flatten()
+    if kept.numel() < num_workers * max(min_size, 1):
+        raise UsageError("--partition", f"longtail(beta={beta}) keeps {kept.numel()} samples, too few for "
+                                        f"{num_workers} workers with {min_size} sample(s) each")
+    if not sharded:
+        kept = kept.to(device)
+        return [kept] * num_workers
+    perm = kept[torch.randperm(kept.numel(), generator=generator)]
+    sorted_ix = perm[torch.argsort(y[perm], stable=True)]
+    return [s.sort().values.to(device) for s in torch.tensor_split(sorted_ix, num_workers)]
 
 
 def class_counts(labels: Tensor, shares: Sequence[Tensor] | None, workers: int, num_classes: int) -> Tensor:
