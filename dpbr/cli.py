@@ -95,10 +95,34 @@ def _steps_list(text: Optional[str], option: str) -> frozenset[int]:
         raise UsageError(option, f"expected comma-separated step numbers such as '0,500,1000', got {text!r}") from None
 
 
+def _model_help() -> str:
+    """``--model`` help of ``dpbr train``: every model of the catalogue with its parameters' defaults."""
+    from dpbr.spec import model_terms
+
+    models = ", ".join(model_terms())
+    return (f"Model: {models}. logit d=69, cnn d=431,080 (the study's); mnist-example = PyTorch's MNIST example "
+            "network (1.2 M parameters at width=1) of the bucketing experiments (Karimireddy, He, Jaggi 2022, "
+            "arXiv 2006.09365).")
+
+
+def _partition_help() -> str:
+    """``--partition`` help of ``dpbr train``: every partition scheme dpbr knows, with examples."""
+    from dpbr.spec import PARTITIONS
+
+    return (f"Honest workers' data: {', '.join(PARTITIONS)} — iid (every worker samples the whole training set), "
+            "shards (label-sorted contiguous shards), 'dirichlet(alpha=0.5)', 'longtail(beta=0.5,shards=false)' "
+            "(class c thinned to beta^c). Byzantine workers that compute on data sample IID (as in Karimireddy, "
+            "He, Jaggi 2022, arXiv 2006.09365).")
+
+
+_MODEL_HELP = _model_help()
+_PARTITION_HELP = _partition_help()
+
+
 @app.command("train")
 def train_cmd(
     dataset: str = typer.Option("mnist", "--dataset", help="Dataset: mnist, fashion-mnist, cifar10, cifar100, phishing, synthetic."),
-    model: str = typer.Option("cnn", "--model", help="Model: logit (d=69), cnn (d=431,080), lenet, resnet."),
+    model: str = typer.Option("cnn", "--model", help=_MODEL_HELP),
     workers: int = typer.Option(11, "--workers", help="Number of workers n."),
     byzantine: int = typer.Option(5, "--byzantine", help="Declared Byzantine workers f (the rule's parameter)."),
     byzantine_real: Optional[int] = typer.Option(None, "--byzantine-real", help="Real Byzantine workers [default: f; 0 with --attack none]."),
@@ -115,7 +139,7 @@ def train_cmd(
     clip_mode: str = typer.Option("batch", "--clip-mode", help="Clip each worker's mini-batch gradient (batch, the study's) or each example (per-example, DP-SGD)."),
     sparsify: str = typer.Option("none", "--sparsify", help="Zero this fraction of smallest-magnitude coordinates (per sign), e.g. 0.25; 'none'. With --epsilon too, it sparsifies the noised gradient (order: clip, noise, sparsify, quantize), which keeps the noise's (epsilon, delta) guarantee."),
     quantize: str = typer.Option("none", "--quantize", help="Quantizer: none, 'uniform(bits=8)', 'stochastic(bits=4)', 'sign', 'qsgd(levels=16)', 'fp16', 'bf16', 'log2(bits=4,rounding=nearest)', 'kmeans(levels=16,iterations=20)', 'fixed(int_bits=3,frac_bits=12,rounding=nearest)' (rounding: nearest or stochastic)."),
-    partition: str = typer.Option("iid", "--partition", help="Worker data: iid, shards (label-sorted), 'dirichlet(alpha=0.5)'."),
+    partition: str = typer.Option("iid", "--partition", help=_PARTITION_HELP),
     worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (worker momentum as in Karimireddy, He, Jaggi 2022, arXiv 2006.09365); 0 = none."),
     seed: str = typer.Option("1", "--seed", help="Seed of every random stream of the run; several seeds run in one process, one file each: '1-5', '1,2,3', '1-3,7'."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
@@ -379,7 +403,9 @@ def aggregate_cmd(
     out_dir: Path = typer.Option(Path("results/summary"), "--out-dir", help="Folder of the summary tables."),
     quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
 ) -> None:
-    """Concatenate training cells into metrics.parquet and tabulate final accuracy (mean ± std over seeds)."""
+    """Concatenate training cells into metrics.parquet, tabulate final accuracy (mean ± std over seeds, and the
+    mean of the last 5 evaluations), the curves, and for selecting rules how often each worker was selected
+    (selections.parquet)."""
     from dpbr.report.aggregate import aggregate, find_cell_files, read_file_list
 
     given: list[str | Path] = list(paths or [])
@@ -473,6 +499,22 @@ def reconstruct_report_cmd(
     fmts = _formats(formats)
     written = reconstruct_report(_report_inputs(paths, files_from, Path("results/reconstruct")), summary_dir, out_dir,
                                  train_final=train_final, formats=fmts)
+    if not quiet:
+        print(f"wrote {len(written)} files", file=sys.stderr)
+
+
+@app.command("hetero-report")
+def hetero_report_cmd(
+    summary_dir: Path = typer.Option(Path("results/summary"), "--summary-dir", help="Folder written by 'dpbr aggregate' (final_accuracy, curves and, when present, selections); bucketing_table.{csv,md} are written there."),
+    out_dir: Path = typer.Option(Path("results/figures/hetero"), "--out-dir", help="Folder of the figures bucketing_table, accuracy_by_attack, selections."),
+    formats: str = typer.Option("html,png,svg", "--formats", help="Comma-separated: html (self-contained, offline), png, svg."),
+    quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
+) -> None:
+    """Tabulate rule × {IID, non-IID} × bucketing s (last-5-evaluation accuracy, mean ± std over seeds) and draw
+    accuracy per attack and how often each worker was selected (Karimireddy, He, Jaggi 2022, arXiv 2006.09365)."""
+    from dpbr.report.hetero_report import hetero_report
+
+    written = hetero_report(summary_dir, out_dir, formats=_formats(formats))
     if not quiet:
         print(f"wrote {len(written)} files", file=sys.stderr)
 

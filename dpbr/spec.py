@@ -35,6 +35,7 @@ __all__ = [
     "RunSpec",
     "VNSpec",
     "option_name",
+    "model_terms",
     "path_token",
     "replace",
     "run_token",
@@ -177,6 +178,15 @@ def _option_reader(cls: type, options: Mapping[str, Any], *, none_is_default: bo
         return present.get(name, default)
 
     return given
+
+
+def model_terms() -> list[str]:
+    """Every model of the catalogue as a spec with its parameters' defaults (``"mnist-example(width=1)"``),
+    for help texts."""
+    from dpbr import model_catalog
+    from dpbr.registry import format_term
+
+    return [format_term(name, model_catalog.resolve(name)[1]) for name in model_catalog.names()]
 
 
 def _model_name(text: Any, allowed: list[str] | tuple[str, ...], context: str = "") -> str:

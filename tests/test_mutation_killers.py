@@ -120,9 +120,8 @@ def test_byzantine_selected_is_the_fraction_of_byzantine_rows_the_rule_kept(monk
     NaN. Small models record a window of steps at once (``StepBuffers.metrics``), large ones each step
     (``StepBuffers.record``; forced here by lowering the windowing threshold). Catches the selection
     never copied or stacked (0 instead of 1), the selection buffer missing for one Byzantine worker
-    (``f_real > 0`` → ``> 1``: NaN) or allocated for a non-selecting rule (``selects and f_real > 0`` →
-    ``or``: 0 instead of NaN), and ``self.selected is not None and selected is not None`` → ``or`` (a
-    copy into a buffer that a run without Byzantine workers does not have)."""
+    (NaN) or allocated for a non-selecting rule (0 instead of NaN), and ``self.selected is not None and
+    selected is not None`` → ``or`` (a copy into a buffer that a non-selecting rule does not have)."""
     from dpbr.simulation import engine
 
     if one_step_windows:

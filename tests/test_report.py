@@ -128,7 +128,7 @@ def test_find_cell_files_skips_temporary_files_and_rejects_missing(cells, tmp_pa
 def test_aggregate_writes_every_summary_and_the_csv_matches(cells):
     root, paths = cells
     written = aggregate(list(paths.values()), root / "summary")
-    assert set(written) == {"metrics", "final", "final_csv", "curves"}
+    assert set(written) == {"metrics", "final", "final_csv", "curves", "selections"}
     metrics = pd.read_parquet(written["metrics"])
     assert len(metrics) == 5 + 5 + 3 + 5 and metrics["cell_id"].nunique() == 4
     final = pd.read_parquet(written["final"])

@@ -62,6 +62,9 @@ def assert_identical(specs: list[RunSpec], dataset, **options) -> list:
         assert got.status == single.status and got.diverged_at == single.diverged_at, i
         assert got.steps_done == single.steps_done, i
         torch.testing.assert_close(got.metrics, single.metrics, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got.worker_norms, single.worker_norms, rtol=0, atol=0, equal_nan=True)
+        assert (got.selected is None) == (single.selected is None), i
+        assert got.selected is None or torch.equal(got.selected, single.selected), i
         assert got.evaluations == single.evaluations, i
         assert torch.equal(batch.theta[i], sim.oracle.theta), i
         assert got.phase_seconds.shape == single.phase_seconds.shape
@@ -168,6 +171,7 @@ def test_torch_models_within_float_tolerance(images, model):
     for i, ((sim, single), got) in enumerate(zip(singles, results)):
         assert got.status == single.status == "completed"
         torch.testing.assert_close(got.metrics, single.metrics, rtol=VMAP_RTOL, atol=1e-9, equal_nan=True)
+        torch.testing.assert_close(got.worker_norms, single.worker_norms, rtol=VMAP_RTOL, atol=1e-9)
         torch.testing.assert_close(batch.theta[i], sim.oracle.theta, rtol=VMAP_RTOL,
                                    atol=VMAP_RTOL * float(sim.oracle.theta.abs().max()))
         for step, (acc, loss) in single.evaluations.items():

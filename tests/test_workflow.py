@@ -326,6 +326,43 @@ def test_dry_run_counts_test_config(tmp_path):
     assert counts == {"train": 4, "aggregate": 1, "plot": 1, "all": 1, "total": 7}
 
 
+def test_bucketing_config_is_the_papers_exp2_and_exp3_grids():
+    """config/bucketing.yaml: Karimireddy, He & Jaggi (arXiv 2006.09365) exp2 (mimic, β = 0, IID and
+    non-IID, 5 rules × s ∈ {0, 2}) and exp3 (non-IID, β ∈ {0, 0.9}, 5 attacks, 4 rules × s ∈ {0, 2}),
+    seeds 0-2, the 24 cells the two share counted once."""
+    cells = list(cells_of(yaml.safe_load((REPO / "config" / "bucketing.yaml").read_text())).values())
+    assert len(cells) == 60 + 240 - 24
+    assert {(s.dataset, s.model, s.workers, s.byzantine, s.byzantine_real, s.batch_size, s.steps, s.eval_every)
+            for s in cells} == {("mnist", "mnist-example", 25, 5, 5, 32, 600, 30)}
+    assert {(s.momentum, s.clip, s.epsilon, s.sparsify, s.quantize) for s in cells} == {(0.0, None, None, None, None)}
+    assert {s.seed for s in cells} == {0, 1, 2}
+    rules = {"average", "krum", "median", "geometric-median", "centered-clipping"}
+    exp2 = [s for s in cells if s.attack == "mimic(target=auto)" and s.worker_momentum == 0]
+    assert {s.gar for s in exp2} == rules | {f"bucketing(s=2)+{r}" for r in rules}
+    assert {s.partition for s in exp2} == {"iid", "shards"}
+    exp3 = [s for s in cells if s.partition == "shards" and s.gar.split("+")[-1] != "average"]
+    assert {s.attack for s in exp3} == {"label-flip", "bit-flip", "mimic(target=auto)", "empire(factor=1.1)",
+                                        "little(factor=zmax-honest,negative=true)"}
+    # dampened worker momentum: lr 0.01 / (1 - β) reproduces the paper's undampened momentum at lr 0.01
+    assert {(s.worker_momentum, s.lr) for s in exp3} == {(0.0, 0.01), (0.9, 0.1)}
+    assert len(exp3) == 2 * 5 * 8 * 3
+
+
+#: config/bucketing-quick.yaml: MNIST once, 8 training cells (krum, median × s ∈ {0, 2} × {IID, non-IID},
+#: one seed: one job each), the summaries, one group's figures and the heterogeneous-data report.
+QUICK_BUCKETING_JOBS = {"data": 1, "train": 8, "aggregate": 1, "plot": 1, "hetero_report": 1, "all": 1, "total": 13}
+
+
+def test_dry_run_counts_bucketing_configs(tmp_path):
+    """Both bucketing configs add the heterogeneous-data report (rule hetero_report) to the usual jobs;
+    the training cells' seeds run as one job each (train.bundle: seeds)."""
+    full = snakemake_api(tmp_path / "full", [REPO / "config" / "bucketing.yaml"], dryrun=True)
+    assert full == {"data": 1, "train_bundle": 92, "aggregate": 1, "plot": 1, "hetero_report": 1, "all": 1,
+                    "total": 97}
+    quick = snakemake_api(tmp_path / "quick", [REPO / "config" / "bucketing-quick.yaml"], dryrun=True)
+    assert quick == QUICK_BUCKETING_JOBS
+
+
 
 def test_only_the_fields_that_vary_are_wildcards(tmp_path):
     """Fields equal in every cell are written out in the patterns (Snakemake's cost per job grows with

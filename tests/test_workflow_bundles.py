@@ -52,13 +52,18 @@ def test_groups_are_fixed_by_the_configured_cells():
     seeds = chunks(specs, "seeds")
     assert [[s.seed for s in g] for g in seeds] == [[1, 2, 3], [1, 2, 3]]
     assert all(len({(s.gar, s.attack) for s in g}) == 1 for g in seeds)
-    # average/none and mda/little differ in rule: never in one job; the seeds of a cell stay adjacent
-    assert [[s.seed for s in g] for g in chunks(specs, {"cells": 2})] == [[1, 2], [3], [1, 2], [3]]
-    # cells differing only in the privacy scalars are compatible
+    # cells of one dataset and model share a job whatever their rule; the seeds of a cell stay adjacent
+    assert [[(s.gar, s.seed) for s in g] for g in chunks(specs, {"cells": 2})] == [
+        [("average", 1), ("average", 2)], [("average", 3), ("mda", 1)], [("mda", 2), ("mda", 3)]]
+    # cells differing only in the privacy scalars are compatible: adjacent, so the job batches them
     eps = specs_of(seeds_config(seeds=(1,), little_epsilon=[0.1, 0.2, 0.5]))
     mda = [s for s in eps if s.gar == "mda"]
     assert len({compatibility_key(s) for s in mda}) == 1
-    assert [len(g) for g in chunks(eps, {"cells": 64})] == [1, 3]
+    assert [[s.gar for s in g] for g in chunks(eps, {"cells": 64})] == [["average", "mda", "mda", "mda"]]
+    # another dataset never shares a job
+    other = [RunSpec.create(dataset=SYNTH, model="logit", seed=1),
+             RunSpec.create(dataset=SYNTH.replace("n=300", "n=200"), model="logit", seed=1)]
+    assert [len(g) for g in chunks(other, {"cells": 64})] == [1, 1]
     # a bundle's rule name has one bit per cell of its group: groups stop at MAX_BUNDLE cells
     many = [RunSpec.create(dataset=SYNTH, model="logit", seed=k) for k in range(MAX_BUNDLE + 2)]
     for mode in ("seeds", {"cells": 10_000}):
@@ -67,7 +72,8 @@ def test_groups_are_fixed_by_the_configured_cells():
 
 
 def test_the_workflow_groups_cells_as_the_batched_engine_does():
-    """Bundles of `{cells: K}` are the batched engine's groups (its key needs torch; the workflow's not)."""
+    """Within a `{cells: K}` job, the batches are the batched engine's groups (its key needs torch; the
+    workflow's not)."""
     from dpbr.simulation.batch import group_key
 
     config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
@@ -108,7 +114,7 @@ def test_only_missing_cells_are_bundled_and_a_bundle_name_rebuilds_it():
 @pytest.mark.parametrize(("bundle", "counts"), [
     ("seeds", {"train_bundle": 2}),
     ("none", {"train": 6}),
-    ({"cells": 2}, {"train_bundle": 2, "train": 2}),
+    ({"cells": 2}, {"train_bundle": 3}),
 ])
 def test_dry_run_counts_per_bundle_setting(tmp_path, bundle, counts):
     cfg = write_config(tmp_path / "c.yaml", seeds_config(bundle=bundle))

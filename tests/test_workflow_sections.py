@@ -99,6 +99,18 @@ def test_every_report_caption_resolves_to_the_workflows_report_folder(tmp_path):
     assert {"accuracy_vs_ratio.png", "privacy_utility.png", "vn_min_b.csv", "reconstruct_table.csv"} <= names
 
 
+def test_heterogeneous_data_report_captions_resolve(tmp_path):
+    """A grid with non-IID partitions and bucketing (config/bucketing-quick.yaml) adds rule
+    hetero_report, whose table and figures have their captions in workflow/report/."""
+    captions = report_captions(tmp_path, [REPO / "config" / "bucketing-quick.yaml"])
+    report_dir = (REPO / "workflow" / "report").resolve()
+    assert {rule for rule, _, _ in captions} == {"aggregate", "plot", "hetero_report"}
+    for rule, path, caption in captions:
+        assert caption.resolve().parent == report_dir and caption.is_file(), (rule, path, caption)
+    names = {Path(path).name for rule, path, _ in captions if rule == "hetero_report"}
+    assert names == {"bucketing_table.csv", "bucketing_table.png", "accuracy_by_attack.png", "selections.png"}
+
+
 @pytest.mark.slow
 def test_tiny_run_of_vn_trajectory_and_reconstruction_with_reports(tmp_path):
     cfg = write_config(tmp_path / "config.yaml", _sections_config())

@@ -197,9 +197,11 @@ def chunks(specs: Sequence[RunSpec], mode: Any) -> list[tuple[RunSpec, ...]]:
     """The workflow's static groups of cells: each group's cells may run in one job.
 
     ``mode`` is ``"none"`` (every cell alone), ``"seeds"`` (the seeds of each cell together) or
-    ``{"cells": K}`` (up to K cells with equal :func:`compatibility_key`, the seeds of a cell
-    adjacent). No group has more than :data:`MAX_BUNDLE` cells. The groups depend on the configured
-    cells only, never on which files exist.
+    ``{"cells": K}`` (up to K cells of one dataset and model: the process loads them once, runs the
+    cells with equal :func:`compatibility_key` as one batched simulation and the batches one after
+    the other; compatible cells, and the seeds of a cell, are adjacent). No group has more than
+    :data:`MAX_BUNDLE` cells. The groups depend on the configured cells only, never on which files
+    exist.
     """
     if mode == "none":
         return [(s,) for s in specs]
@@ -209,12 +211,13 @@ def chunks(specs: Sequence[RunSpec], mode: Any) -> list[tuple[RunSpec, ...]]:
             groups.setdefault(seeds_key(s), []).append(s)
         return [tuple(g[i:i + MAX_BUNDLE]) for g in groups.values() for i in range(0, len(g), MAX_BUNDLE)]
     size = min(int(mode["cells"]), MAX_BUNDLE)
-    by_key: dict[tuple, dict[tuple, list[RunSpec]]] = {}
+    by_task: dict[tuple, dict[tuple, dict[tuple, list[RunSpec]]]] = {}
     for s in specs:
-        by_key.setdefault(compatibility_key(s), {}).setdefault(seeds_key(s), []).append(s)
+        (by_task.setdefault((s.dataset, s.model), {}).setdefault(compatibility_key(s), {})
+         .setdefault(seeds_key(s), []).append(s))
     out: list[tuple[RunSpec, ...]] = []
-    for cells in by_key.values():
-        ordered = [s for seeds in cells.values() for s in seeds]
+    for batches in by_task.values():
+        ordered = [s for cells in batches.values() for seeds in cells.values() for s in seeds]
         out += [tuple(ordered[i:i + size]) for i in range(0, len(ordered), size)]
     return out
 

@@ -25,6 +25,7 @@ from dpbr.jobs.bundles import BATCH_MODES, CellJob
 from dpbr.jobs.common import (check_choice, check_positive, load_dataset, resolve_device, run_metadata,
                               seed_everything, torch_threads)
 from dpbr.simulation import PHASES, STEP_COLUMNS, RunResult, SeedBatch, Simulation
+from dpbr.simulation.metrics import honest_dissimilarity
 from dpbr.spec import RunSpec
 
 __all__ = ["BATCH_MODES", "ManyReport", "composed_epsilon", "records_frame", "train", "train_many"]
@@ -56,9 +57,14 @@ def composed_epsilon(spec: RunSpec, sample_size: int, steps: int) -> tuple[float
 def records_frame(spec: RunSpec, result: RunResult, extra: dict[str, Any]) -> pd.DataFrame:
     """The output table: step 0 (evaluation of the initial model) then one row per step.
 
-    Columns: ``step``, the metrics of :data:`dpbr.simulation.STEP_COLUMNS`, ``seconds_<phase>`` for
-    each phase, ``test_accuracy`` and ``test_loss`` (NaN except at evaluation steps), ``status``, the
-    constant facts in ``extra`` and every spec field (plus ``cell_id``).
+    Columns: ``step``, the metrics of :data:`dpbr.simulation.STEP_COLUMNS`, the heterogeneity of the
+    honest workers (:data:`dpbr.simulation.metrics.HETEROGENEITY_COLUMNS`:
+    ``honest_dissimilarity = (h − 1)/h · honest_deviation_clean²`` and ``dissimilarity_ratio``, from
+    :func:`dpbr.simulation.metrics.honest_dissimilarity`), the per-row lists of
+    :data:`dpbr.simulation.metrics.WORKER_COLUMNS` (``worker_norms`` list<double>, ``selected_workers``
+    list<bool>, ``n`` entries; null at step 0, and ``selected_workers`` an all-null column for a rule
+    that does not select), ``seconds_<phase>`` for each phase, ``test_accuracy`` and ``test_loss`` (NaN except at
+    evaluation steps), ``status``, the constant facts in ``extra`` and every spec field (plus ``cell_id``).
     """
     n = result.steps_done
     frame = pd.DataFrame({"step": np.arange(0, n + 1, dtype=np.int64)})
@@ -66,6 +72,13 @@ def records_frame(spec: RunSpec, result: RunResult, extra: dict[str, Any]) -> pd
     metrics[1:] = result.metrics.numpy()
     for j, col in enumerate(STEP_COLUMNS):
         frame[col] = metrics[:, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dissimilarity, ratio = honest_dissimilarity(metrics[:, STEP_COLUMNS.index("honest_deviation_clean")],
+                                                    metrics[:, STEP_COLUMNS.index("honest_norm_clean")], spec.honest)
+    frame["honest_dissimilarity"] = dissimilarity
+    frame["dissimilarity_ratio"] = ratio
+    frame["worker_norms"] = _list_column(result.worker_norms, n)
+    frame["selected_workers"] = _list_column(result.selected, n)
     seconds = np.full((n + 1, len(PHASES)), np.nan)
     seconds[1:] = result.phase_seconds.numpy()
     for j, phase in enumerate(PHASES):
@@ -82,6 +95,15 @@ def records_frame(spec: RunSpec, result: RunResult, extra: dict[str, Any]) -> pd
     for key, value in spec.columns().items():
         frame[key] = value
     return frame
+
+
+def _list_column(values: Any, steps: int) -> list[Any]:
+    """A list column of ``steps + 1`` rows: ``None`` at step 0, then row ``s − 1`` of ``values``
+    (``(steps, n)`` tensor) at step ``s`` as a NumPy array (Parquet: a list of its item type); all
+    ``None`` when ``values`` is ``None`` (an all-null column)."""
+    if values is None:
+        return [None] * (steps + 1)
+    return [None, *values.numpy()]
 
 
 def train(spec: RunSpec, *, out: str | Path, data_dir: str | Path = "data", device: str = "auto",

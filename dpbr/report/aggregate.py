@@ -20,6 +20,16 @@ parameters, so their concatenation is already a tidy table). Outputs (names from
     loss at each evaluation step, and of the training loss averaged over windows ``(s − w, s]`` of
     ``w = ⌈steps / 20⌉`` steps (at most 20 points per run). Small enough to plot (the figures'
     data), whatever the number of steps.
+``selections.parquet``
+    One row per cell and worker of a rule that selects rows (Krum, Multi-Krum, MDA, Bulyan, and their
+    bucketed compositions): the cell's parameters, ``worker``, ``byzantine`` (``worker ≥ h``),
+    ``selected_steps`` (steps at which the rule selected the worker's vector), ``steps`` (steps
+    recorded) and ``selected_share = selected_steps / steps``, from the cells' ``selected_workers``
+    column. No rows (but the columns) when no cell has a selecting rule, or the cell files predate
+    the column.
+
+Cell files written before a column existed (``honest_dissimilarity``, ``worker_norms``,
+``selected_workers``, …) still aggregate: the column is null for their rows.
 """
 
 from __future__ import annotations
@@ -47,10 +57,12 @@ __all__ = [
     "curves_table",
     "final_accuracy_table",
     "find_cell_files",
+    "mean_std_text",
     "load_metrics",
     "loss_window",
     "read_file_list",
     "run_table",
+    "selections_table",
 ]
 
 #: The parameters that identify a group of seeds: every RunSpec field except ``seed``.
@@ -218,24 +230,83 @@ def final_accuracy_table(metrics: pd.DataFrame, last_k: int = LAST_K) -> pd.Data
     out["test_loss_mean"] = g["final_test_loss"].mean()
     out["test_loss_std"] = g["final_test_loss"].std(ddof=1)
     out["final_step"] = g["final_step"].max()
-    out["accuracy"] = [_mean_std_text(m, s, n) for m, s, n in zip(out["accuracy_mean"], out["accuracy_std"], out["completed"])]
+    out["accuracy"] = [mean_std_text(m, s, n) for m, s, n in zip(out["accuracy_mean"], out["accuracy_std"], out["completed"])]
     out["last_k"] = np.int64(_last_k(last_k))
     tail = g["last_k_accuracy"]
     out["last_k_accuracy_mean"] = tail.mean()
     out["last_k_accuracy_std"] = tail.std(ddof=1)
-    out["last_k_accuracy"] = [_mean_std_text(m, s, n) for m, s, n in
+    out["last_k_accuracy"] = [mean_std_text(m, s, n) for m, s, n in
                               zip(out["last_k_accuracy_mean"], out["last_k_accuracy_std"], out["completed"])]
     out = out.reset_index()
     order = ["dataset", "model", "privacy_rank", "pair", "batch_size", "group_id"]
     return out.sort_values(order, kind="stable").reset_index(drop=True)
 
 
-def _mean_std_text(mean: float, std: float, n: int) -> str:
+#: The columns of :func:`selections_table` after the cells' parameters.
+SELECTION_COLUMNS: tuple[str, ...] = ("worker", "byzantine", "selected_steps", "steps", "selected_share")
+
+_SELECTION_DTYPES = {"worker": np.int64, "byzantine": bool, "selected_steps": np.int64, "steps": np.int64,
+                     "selected_share": np.float64}
+
+
+def selections_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """How often the rule selected each worker's vector: one row per cell and worker.
+
+    Columns: ``cell_id``, ``group_id``, the cell's parameters (every :class:`~dpbr.spec.RunSpec` field,
+    with ``seed``; the declared ``f`` as ``byzantine_declared``, since ``byzantine`` and ``steps`` name
+    columns below), ``privacy``, ``privacy_rank``, ``pair``, then
+    :data:`SELECTION_COLUMNS`: ``worker`` ``i`` (rows ``0..h−1`` honest, then Byzantine),
+    ``byzantine = i ≥ h`` (``h`` the cell's ``honest_workers``, else ``workers − byzantine_real``),
+    ``selected_steps = Σ_s [i selected at step s]`` over the steps whose ``selected_workers`` mask was
+    recorded, ``steps`` their number (the configured steps, or fewer for a diverged run) and
+    ``selected_share = selected_steps / steps``. Cells without masks (rules that do not select, files
+    without the column) have no rows; with none at all the table is empty but has the columns.
+    Sorted like the final-accuracy table, then by seed and worker.
+    """
+    info_cols = ["cell_id", "group_id", *(c for c in _GROUP_INFO if c not in ("steps", "byzantine")), "seed",
+                 "byzantine_declared"]
+    first = metrics.drop_duplicates("cell_id").set_index("cell_id", drop=False)
+    first = first.assign(byzantine_declared=first["byzantine"])
+    info = first[info_cols]
+    parts: list[pd.DataFrame] = []
+    if "selected_workers" in metrics.columns:
+        masks = metrics.loc[metrics["selected_workers"].notna(), ["cell_id", "selected_workers"]]
+        for cell_id, rows in masks.groupby("cell_id", sort=False)["selected_workers"]:
+            chosen = np.stack([np.asarray(m, dtype=bool) for m in rows])  # (steps, n)
+            steps, n = chosen.shape
+            cell = first.loc[cell_id]
+            h = cell["honest_workers"] if "honest_workers" in first.columns else None
+            if h is None or pd.isna(h):
+                h = int(cell["workers"]) - int(cell["byzantine_real"])
+            counts = chosen.sum(axis=0).astype(np.int64)
+            part = pd.DataFrame({c: [cell[c]] * n for c in info_cols})
+            part["worker"] = np.arange(n, dtype=np.int64)
+            part["byzantine"] = part["worker"] >= int(h)
+            part["selected_steps"] = counts
+            part["steps"] = np.int64(steps)
+            part["selected_share"] = counts / steps
+            parts.append(part)
+    if not parts:
+        empty = info.iloc[:0].reset_index(drop=True)
+        for col in SELECTION_COLUMNS:
+            empty[col] = pd.Series(dtype=_SELECTION_DTYPES[col])
+        return empty
+    table = pd.concat(parts, ignore_index=True).astype(_SELECTION_DTYPES)
+    for col in info_cols:  # the parameters keep the types they have in the metrics table
+        table[col] = table[col].astype(info[col].dtype)
+    order = ["dataset", "model", "privacy_rank", "pair", "batch_size", "group_id", "seed", "worker"]
+    return table.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def mean_std_text(mean: float, std: float, n: int, *, percent: bool = False) -> str:
+    """``"0.9123 ± 0.0040"`` (``percent``: ``"91.2 ± 0.4"``) for a mean and std over ``n`` seeds;
+    ``"… (1 seed)"`` for one, ``"diverged"`` for none."""
+    scale, digits = (100.0, 1) if percent else (1.0, 4)
     if n == 0 or pd.isna(mean):
         return "diverged"
     if n == 1 or pd.isna(std):
-        return f"{mean:.4f} (1 seed)"
-    return f"{mean:.4f} ± {std:.4f}"
+        return f"{scale * mean:.{digits}f} (1 seed)"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def loss_window(steps: np.ndarray | int) -> np.ndarray:
@@ -299,6 +370,7 @@ def aggregate(files: Sequence[str | Path], out_dir: str | Path, last_k: int = LA
     metrics = load_metrics(files)
     final = final_accuracy_table(metrics, last_k)
     curves = curves_table(metrics)
+    selections = selections_table(metrics)
     paths = summary_paths(check_folder(out_dir, "--out-dir"))
     for path in paths.values():
         if path.is_dir():
@@ -310,4 +382,5 @@ def aggregate(files: Sequence[str | Path], out_dir: str | Path, last_k: int = LA
     with atomic_path(paths["final_csv"]) as tmp:
         final.drop(columns=["privacy_rank"]).to_csv(tmp, index=False)
     write_parquet(curves, paths["curves"], meta)
+    write_parquet(selections, paths["selections"], meta)
     return paths

@@ -91,7 +91,7 @@ def _color() -> Any:
     import altair as alt
 
     return alt.Color("series:N", title="rule / attack",
-                     legend=alt.Legend(orient="bottom", columns=1, symbolOpacity=1, symbolStrokeWidth=3))
+                     legend=alt.Legend(orient="bottom", columns=1, symbolOpacity=1, symbolStrokeWidth=3, labelLimit=0))
 
 
 def accuracy_chart(curves: pd.DataFrame) -> Any:

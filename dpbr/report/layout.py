@@ -10,6 +10,7 @@ Layout under the results root (default ``results``)::
     results/summary/metrics.parquet                       every row of every cell
     results/summary/final_accuracy.{parquet,csv}          mean ± std over seeds per cell
     results/summary/curves.parquet                        per-step means ± std over seeds (for plots)
+    results/summary/selections.parquet                    per cell and worker: steps the rule selected it
     results/figures/<group>/<figure>.{html,png,svg}       group = "dataset=<d>,model=<m>"
 """
 
@@ -35,6 +36,7 @@ SUMMARY_FILES: dict[str, str] = {
     "final": "final_accuracy.parquet",
     "final_csv": "final_accuracy.csv",
     "curves": "curves.parquet",
+    "selections": "selections.parquet",
 }
 
 #: Figures written by ``dpbr plot`` for each (dataset, model) group.

@@ -25,7 +25,9 @@ are views of that row). A step, for all members at once:
    (one call per run of equal ``λ``);
 7. *record*: θ − θ₀ of all members at once; the metrics with
    :func:`~dpbr.simulation.metrics.window_metrics` (or :func:`~dpbr.simulation.metrics.gram_step_metrics`)
-   once per member and window, on the member's own buffers.
+   and the rows' norms with :func:`~dpbr.simulation.metrics.worker_norms` (or
+   :func:`~dpbr.simulation.metrics.copies_norms`) once per member and window, on the member's own
+   buffers; the selection masks of all members at once.
 
 What loops per member: the samplers' draws (once per window), the noise (one draw per worker row,
 as in a single run), the metrics (once per window: about 55 operations for 50 steps), evaluations
@@ -74,7 +76,8 @@ from dpbr.errors import UsageError
 from dpbr.simulation.buffers import _Slot
 from dpbr.simulation.engine import (_WINDOW_GATHER_MAX, WINDOW_MAX_ENTRIES, WINDOW_STEPS, RunResult, ServerRule,
                                     Simulation, _first_divergence, _Run)
-from dpbr.simulation.metrics import STEP_COLUMNS, copies_gram, gram_step_metrics, window_metrics
+from dpbr.simulation.metrics import (STEP_COLUMNS, copies_gram, copies_norms, gram_step_metrics, window_metrics,
+                                     worker_norms)
 from dpbr.simulation.timing import PhaseTimer
 from dpbr.spec import RunSpec
 
@@ -363,7 +366,7 @@ class SeedBatch:
         W = WINDOW_STEPS if small else 1
         check_every = WINDOW_STEPS if small else 10 if dev.type == "cpu" else 25
         has_clean = first.mechanism is not None or spec.worker_momentum > 0
-        selects = first.rule.selects and f > 0
+        selects = first.rule.selects
         # each member's buffers laid out as its single run's (module docstring)
         stacked = _member_buffers(S, (W, n, d), dt, dev)
         grads = _member_buffers(S, (W, h, d), dt, dev)
@@ -375,6 +378,8 @@ class SeedBatch:
         idx = torch.empty(W, S, h, b, dtype=torch.int64)
         idx_scratch = [torch.empty(h, W, b, dtype=torch.int64) for _ in members]
         metrics = torch.full((S, steps, len(STEP_COLUMNS)), math.nan, dtype=torch.float64, device=dev)
+        norms = torch.full((S, steps, n), math.nan, dtype=torch.float64, device=dev)
+        selections = torch.zeros(S, steps, n, dtype=torch.bool, device=dev) if selects else None
         momentum_buf = torch.zeros(S, d, dtype=dt, device=dev)
         worker_mom = torch.zeros(S, h, d, dtype=dt, device=dev) if spec.worker_momentum > 0 else None
         share_gram = first.rule.uses_gram and f > 1 and not small
@@ -426,11 +431,14 @@ class SeedBatch:
                 selected[:, k].copy_(chosen)
             pending = list(range(S))
             if from_gram:
-                pending = [i for i in pending if not self._gram_row(metrics, s, k, i, chosen[i], distinct[i], losses,
-                                                                    grads if has_clean else None, vectors, scratch)]
+                pending = [i for i in pending if not self._gram_row(metrics, norms, s, k, i, chosen[i], distinct[i],
+                                                                    losses, grads if has_clean else None, vectors,
+                                                                    scratch)]
             if k == W - 1 or s + 1 == steps:
-                self._window_metrics(metrics, s, k + 1, pending, losses, stacked, grads if has_clean else None,
-                                     selected, vectors, scratch)
+                self._window_metrics(metrics, norms, s, k + 1, pending, losses, stacked,
+                                     grads if has_clean else None, selected, vectors, scratch)
+                if selections is not None:
+                    selections[:, s - k:s + 1] = selected[:, :k + 1]  # type: ignore[index]
             timer.mark()
             timer.end()
             done = ran = s + 1
@@ -470,14 +478,17 @@ class SeedBatch:
                 status=status[i],
                 diverged_at=cut[i],
                 facts={"strategy": sim.strategy, "dim": sim.dim, "noise_sigma": sim.noise_sigma},
+                worker_norms=norms[i, :done].cpu().clone(),
+                selected=None if selections is None else selections[i, :done].cpu().clone(),
             ))
         return results
 
-    def _gram_row(self, metrics: Tensor, s: int, k: int, i: int, chosen: Tensor, distinct: Tensor | None,
-                  losses: Tensor, clean: Tensor | None, vectors: Tensor, scratch: Tensor) -> bool:
-        """Member ``i``'s metrics of step ``s`` from the Gram matrix of its distinct rows, where its
-        single run takes them from there (:func:`~dpbr.simulation.metrics.gram_step_metrics`);
-        whether it did."""
+    def _gram_row(self, metrics: Tensor, norms: Tensor, s: int, k: int, i: int, chosen: Tensor,
+                  distinct: Tensor | None, losses: Tensor, clean: Tensor | None, vectors: Tensor,
+                  scratch: Tensor) -> bool:
+        """Member ``i``'s metrics and rows' norms of step ``s`` from the Gram matrix of its distinct
+        rows, where its single run takes them from there (:func:`~dpbr.simulation.metrics.gram_step_metrics`,
+        :func:`~dpbr.simulation.metrics.copies_norms`); whether it did."""
         if distinct is None:
             return False
         row = gram_step_metrics(losses[i, k], distinct, chosen, None if clean is None else clean[i, k],
@@ -485,14 +496,16 @@ class SeedBatch:
         if row is None:
             return False
         metrics[i, s:s + 1] = row
+        norms[i, s] = copies_norms(distinct, self.n)
         return True
 
-    def _window_metrics(self, metrics: Tensor, s: int, count: int, members: list[int], losses: Tensor,
-                        stacked: Tensor, clean: Tensor | None, selected: Tensor | None, vectors: Tensor,
-                        scratch: Tensor) -> None:
-        """The metrics of the window's ``count`` steps ending at step ``s`` for ``members``
-        (:func:`~dpbr.simulation.metrics.window_metrics` on each member's buffers, which are laid out
-        as its single run's: one call per member and window)."""
+    def _window_metrics(self, metrics: Tensor, norms: Tensor, s: int, count: int, members: list[int],
+                        losses: Tensor, stacked: Tensor, clean: Tensor | None, selected: Tensor | None,
+                        vectors: Tensor, scratch: Tensor) -> None:
+        """The metrics and rows' norms of the window's ``count`` steps ending at step ``s`` for
+        ``members`` (:func:`~dpbr.simulation.metrics.window_metrics` and
+        :func:`~dpbr.simulation.metrics.worker_norms` on each member's buffers, which are laid out as
+        its single run's: one call each per member and window)."""
         h, f = self.h, self.n - self.h
         first = s + 1 - count
         for i in members:
@@ -500,3 +513,4 @@ class SeedBatch:
                 losses[i, :count], stacked[i, :count, :h], None if clean is None else clean[i, :count],
                 stacked[i, :count, h:] if f > 0 else None, None if selected is None else selected[i, :count],
                 vectors[i, :count], scratch=scratch[i, :count])
+            norms[i, first:s + 1] = worker_norms(stacked[i, :count])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpbr.simulation.metrics import window_metrics
+from dpbr.simulation.metrics import window_metrics, worker_norms
 
 __all__ = ["StepBuffers"]
 
@@ -42,7 +42,8 @@ class StepBuffers:
         Byzantine mean, ``θ − θ₀`` and (``m = 5``, with ``clean``) the honest mean before privacy.
     losses : Tensor (window, h); selected : Tensor (window, n) bool or None
         Filled by :meth:`record` (one step) or :meth:`metrics` (a window: the steps' own tensors are
-        kept until then and stacked once, instead of three copies per step).
+        kept until then and stacked once, instead of three copies per step); ``selected`` exists for
+        rules that select (the run records the mask from it), ``None`` otherwise.
     idx, idx_scratch : Tensor (window, h, b) and (h, window, b) int64 (CPU)
         The example indices of the window's steps, drawn once per window
         (:meth:`dpbr.simulation.partitions.WorkerSampler.sample_window`).
@@ -109,3 +110,8 @@ class StepBuffers:
             self.stacked[:count, h:] if self.f > 0 else None,
             None if self.selected is None else self.selected[:count],
             self.vectors[:count], scratch=self.scratch[:count])
+
+    def worker_norms(self, count: int) -> Tensor:
+        """``(count, n)`` float64: ``‖x_i‖`` of every row the rule received in the first ``count`` slots
+        (:func:`~dpbr.simulation.metrics.worker_norms`; one call per window)."""
+        return worker_norms(self.stacked[:count])

@@ -19,7 +19,9 @@ method of :class:`Simulation` called from the loop of :meth:`Simulation.run`:
    declared ``f``;
 6. *update* (:meth:`Simulation._update`): the server takes an SGD step with momentum (PyTorch
    semantics, dampening 0): ``m ← μ·m + g``, ``θ ← θ − λ·m``;
-7. *record* (:meth:`Simulation._record`): the step's metrics (:data:`~dpbr.simulation.metrics.STEP_COLUMNS`).
+7. *record* (:meth:`Simulation._record`): the step's metrics (:data:`~dpbr.simulation.metrics.STEP_COLUMNS`),
+   the norm of every row the rule received and the rule's selection mask
+   (:data:`~dpbr.simulation.metrics.WORKER_COLUMNS`).
 
 Everything random comes from generators seeded from ``(seed, purpose, worker)`` (:mod:`dpbr.rng`), so
 the same spec and seed give identical records on the CPU. Per-step metrics stay on the device and are
@@ -56,7 +58,7 @@ from torch import Tensor
 from dpbr import rng
 from dpbr.errors import UsageError
 from dpbr.simulation.buffers import StepBuffers, _Slot
-from dpbr.simulation.metrics import STEP_COLUMNS, copies_gram, gram_step_metrics
+from dpbr.simulation.metrics import STEP_COLUMNS, copies_gram, copies_norms, gram_step_metrics
 from dpbr.simulation.oracle import GradientOracle, LogisticGradients, choose_strategy
 from dpbr.simulation.partitions import WorkerSampler, class_counts, partition
 from dpbr.simulation.timing import PhaseTimer
@@ -79,7 +81,13 @@ _WINDOW_GATHER_MAX = 1 << 22
 
 @dataclass
 class RunResult:
-    """What a run produced: per-step metrics, evaluations, status and facts for the metadata."""
+    """What a run produced: per-step metrics, evaluations, status and facts for the metadata.
+
+    ``worker_norms`` and ``selected`` are the per-row columns of
+    :data:`~dpbr.simulation.metrics.WORKER_COLUMNS`: row ``s`` holds step ``s + 1``'s ``n`` rows in the
+    order the rule received them (honest ``0..h−1`` as sent, then Byzantine); ``selected`` is ``None``
+    for a rule that does not select.
+    """
 
     steps_done: int
     metrics: Tensor                 # (steps_done, len(STEP_COLUMNS)) float64, host
@@ -88,13 +96,15 @@ class RunResult:
     status: str                     # "completed" | "diverged"
     diverged_at: int | None
     facts: dict[str, Any] = field(default_factory=dict)
+    worker_norms: Tensor | None = None  # (steps_done, n) float64, host: ‖x_i‖ of every row the rule received
+    selected: Tensor | None = None      # (steps_done, n) bool, host: the rule's selection; None if it does not select
 
 
 class _Run:
     """What one run carries from step to step (made by :meth:`Simulation._run`, read by the phases)."""
 
-    __slots__ = ("steps", "window", "buf", "metrics", "momentum_buf", "momentum", "worker_mom", "gar_state",
-                 "attack_state", "idx_window", "batch_window", "share_gram", "metrics_from_gram")
+    __slots__ = ("steps", "window", "buf", "metrics", "norms", "selections", "momentum_buf", "momentum", "worker_mom",
+                 "gar_state", "attack_state", "idx_window", "batch_window", "share_gram", "metrics_from_gram")
 
     def __init__(self, **values: Any) -> None:
         for name, value in values.items():
@@ -290,10 +300,12 @@ class Simulation:
 
     def _record(self, run: _Run, s: int, k: int, slot: _Slot, losses: Tensor, agg: Any,
                 gram_distinct: Tensor | None) -> None:
-        """Phase *record*: the metrics of step ``s`` into row ``s`` of ``run.metrics`` — from the Gram
-        matrix of the distinct rows where that is exact enough (:func:`~dpbr.simulation.metrics.gram_step_metrics`),
-        otherwise from the vectors, for the whole window at its last step
-        (:meth:`~dpbr.simulation.buffers.StepBuffers.metrics`)."""
+        """Phase *record*: the metrics of step ``s`` into row ``s`` of ``run.metrics`` (and the rows'
+        norms and the selection mask into ``run.norms``, ``run.selections``) — from the Gram matrix of
+        the distinct rows where that is exact enough (:func:`~dpbr.simulation.metrics.gram_step_metrics`,
+        :func:`~dpbr.simulation.metrics.copies_norms`), otherwise from the vectors, for the whole window
+        at its last step (:meth:`~dpbr.simulation.buffers.StepBuffers.metrics`,
+        :meth:`~dpbr.simulation.buffers.StepBuffers.worker_norms`)."""
         buf, theta = run.buf, self.oracle.theta
         if gram_distinct is not None and run.metrics_from_gram:
             torch.sub(theta, self.theta0, out=slot.displacement)
@@ -301,10 +313,16 @@ class Simulation:
                                     slot.displacement, mean_out=buf.vectors[0, 0], scratch=buf.scratch[0])
             if row is not None:
                 run.metrics[s:s + 1] = row
+                run.norms[s] = copies_norms(gram_distinct, self.spec.workers)
+                if run.selections is not None:
+                    run.selections[s] = agg.selected
                 return
         buf.record(k, losses, agg.value, agg.selected, theta, self.theta0)
         if k == run.window - 1 or s + 1 == run.steps:
             run.metrics[s - k:s + 1] = buf.metrics(k + 1)
+            run.norms[s - k:s + 1] = buf.worker_norms(k + 1)
+            if run.selections is not None:
+                run.selections[s - k:s + 1] = buf.selected[:k + 1]
 
     # ------------------------------------------------------------------------------------------- #
 
@@ -334,7 +352,7 @@ class Simulation:
         worker_mom = torch.zeros(h, self.dim, dtype=self.dtype, device=dev) if spec.worker_momentum > 0 else None
         buf = StepBuffers(window, h, f_real, self.dim, spec.batch_size, self.dtype, dev,
                           clean=self.mechanism is not None or worker_mom is not None,
-                          selected=self.rule.selects and f_real > 0)
+                          selected=self.rule.selects)
         # the rule's Gram matrix over the h + 1 distinct rows when the attack sends f copies of one
         # vector (ALIE, IPM, …): worth it for large models only (for small ones a step is per-operation
         # overhead, and the expansion adds two operations)
@@ -342,6 +360,8 @@ class Simulation:
         run = _Run(
             steps=steps, window=window, buf=buf,
             metrics=torch.full((steps, len(STEP_COLUMNS)), math.nan, dtype=torch.float64, device=dev),
+            norms=torch.full((steps, spec.workers), math.nan, dtype=torch.float64, device=dev),
+            selections=torch.zeros(steps, spec.workers, dtype=torch.bool, device=dev) if self.rule.selects else None,
             momentum_buf=torch.zeros_like(theta),
             momentum=torch.tensor(spec.momentum, dtype=self.dtype, device=dev),  # 0-d: no conversion per step
             worker_mom=worker_mom, gar_state=None, attack_state=None, idx_window=buf.idx, batch_window=None,
@@ -403,6 +423,8 @@ class Simulation:
             status=status,
             diverged_at=diverged_at,
             facts={"strategy": self.strategy, "dim": self.dim, "noise_sigma": self.noise_sigma},
+            worker_norms=run.norms[:done].cpu(),
+            selected=None if run.selections is None else run.selections[:done].cpu(),
         )
 
 

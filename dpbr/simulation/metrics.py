@@ -12,12 +12,19 @@ Two ways to the same numbers:
   of entries of the ``(h + 1) × (h + 1)`` Gram matrix of the distinct rows; only the clean rows and
   ``θ − θ₀`` are read (8 vector reads; 1.5–2 ms). It checks that the sums keep their precision and
   says when they do not (the caller then uses :func:`window_metrics`).
+
+Beside the float columns, each step records one number per row the rule received
+(:data:`WORKER_COLUMNS`): its norm (:func:`worker_norms` from the rows, :func:`copies_norms` from the
+Gram matrix's diagonal on the second path) and whether the rule selected it. The heterogeneity of the
+honest workers (:data:`HETEROGENEITY_COLUMNS`, Karimireddy, He & Jaggi 2022, arXiv 2006.09365) follows
+from two of the float columns when the records are written (:func:`honest_dissimilarity`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +32,9 @@ from torch import Tensor
 from dpbr.linalg import GRAM_BLOCK, compute_view
 from dpbr.linalg import gram as geo_gram
 
-__all__ = ["STEP_COLUMNS", "IDENTITY_MIN_ENTRIES", "IDENTITY_MIN_SHARE", "GRAM_MIN_SHARE", "window_metrics",
-           "gram_step_metrics", "distinct_gram", "copies_gram"]
+__all__ = ["STEP_COLUMNS", "HETEROGENEITY_COLUMNS", "WORKER_COLUMNS", "IDENTITY_MIN_ENTRIES", "IDENTITY_MIN_SHARE",
+           "GRAM_MIN_SHARE", "window_metrics", "gram_step_metrics", "distinct_gram", "copies_gram", "copies_norms",
+           "worker_norms", "honest_dissimilarity"]
 
 #: Per-step metric columns, in the order they are recorded (see :meth:`dpbr.simulation.engine.Simulation.run`).
 STEP_COLUMNS: tuple[str, ...] = (
@@ -41,6 +49,20 @@ STEP_COLUMNS: tuple[str, ...] = (
     "cos_aggregate_attack",  # cos(GAR(...), mean of the Byzantine vectors); NaN without attack
     "param_distance",        # ‖θ_t − θ_0‖ after the update
     "byzantine_selected",    # fraction of Byzantine rows the rule selected (selecting rules), else NaN
+)
+
+#: Per-step columns derived from :data:`STEP_COLUMNS` when the records are written
+#: (:func:`honest_dissimilarity`; Karimireddy, He & Jaggi 2022, arXiv 2006.09365).
+HETEROGENEITY_COLUMNS: tuple[str, ...] = (
+    "honest_dissimilarity",  # (1/h) Σ_i ‖g_i − ḡ‖² of the honest gradients before privacy (after clipping)
+    "dissimilarity_ratio",   # honest_dissimilarity / ‖ḡ‖² (ḡ before privacy)
+)
+
+#: Per-step list columns, one entry per row the rule received (honest rows ``0..h−1`` as sent, then
+#: the Byzantine rows ``h..n−1``).
+WORKER_COLUMNS: tuple[str, ...] = (
+    "worker_norms",          # list<double>: ‖x_i‖ of every row
+    "selected_workers",      # list<bool>: the rule's selection mask (Aggregation.selected); null if it does not select
 )
 
 #: Rows (numbers) from which the deviation may come from ``Σ‖g_i‖² − h‖ḡ‖²`` (see :func:`window_metrics`).
@@ -85,6 +107,50 @@ def _deviation(rows: Tensor, mean: Tensor, mean_sq: Tensor, scratch: Tensor) -> 
             return spread.clamp_min_(0).sqrt_().div_(math.sqrt(h - 1))
     centred = torch.sub(rows, mean.unsqueeze(1), out=scratch)
     return _sum_of_squares(centred).sqrt_().div_(math.sqrt(h - 1))
+
+
+def worker_norms(rows: Tensor) -> Tensor:
+    """``‖x_i‖`` of every row of ``rows`` ``(c, m, d)`` (each step's stack as the rule received it),
+    float64 ``(c, m)`` on the device (no host sync): float32 norms of column blocks of
+    :data:`GRAM_BLOCK`, squared and added in float64, as :func:`window_metrics` takes its sums (relative
+    error about 1e-7; one float32 norm over 431,080 numbers is off by about 1e-4). A non-finite row has
+    a non-finite norm."""
+    c, m, d = rows.shape
+    if d <= GRAM_BLOCK:  # one block: its float32 norm (two operations per window)
+        return torch.linalg.vector_norm(rows, dim=-1).double()
+    main = d - d % GRAM_BLOCK
+    blocks = torch.linalg.vector_norm(rows[..., :main].reshape(c, m, main // GRAM_BLOCK, GRAM_BLOCK), dim=-1)
+    total = blocks.double().square_().sum(2)
+    if main < d:
+        total += torch.linalg.vector_norm(rows[..., main:], dim=-1).double().square_()
+    return total.sqrt_()
+
+
+def copies_norms(K_distinct: Tensor, n: int) -> Tensor:
+    """``‖x_i‖`` of the ``n`` rows of a stack whose rows ``h … n − 1`` are copies of row ``h``, float64
+    ``(n,)``, from the float64 Gram matrix of its ``h + 1`` distinct rows (:func:`distinct_gram`):
+    ``sqrt(K_ii)``, row ``h``'s for every copy (no vector is read again)."""
+    h = K_distinct.shape[0] - 1
+    return K_distinct.diagonal().clamp_min(0).sqrt().index_select(0, _copies_index(n, h, K_distinct.device))
+
+
+def honest_dissimilarity(deviation_clean: Any, norm_clean: Any, h: int) -> tuple[Any, Any]:
+    """The :data:`HETEROGENEITY_COLUMNS` from the recorded ``honest_deviation_clean`` and
+    ``honest_norm_clean`` (arrays or tensors of equal shape) of a run with ``h`` honest workers.
+
+    ``honest_dissimilarity = (1/h) Σ_i ‖g_i − ḡ‖² = (h − 1)/h · honest_deviation_clean²`` — the mean
+    squared distance of the honest gradients (before privacy, after clipping) from their mean, the
+    heterogeneity that bucketing reduces (Karimireddy, He & Jaggi 2022, "Byzantine-robust learning on
+    heterogeneous datasets via bucketing", arXiv 2006.09365, assumption of (G, B)-dissimilarity
+    ``(1/h) Σ_i ‖∇f_i(x) − ∇f(x)‖² ≤ G² + B²‖∇f(x)‖²``, measured here on the workers' mini-batch
+    gradients); ``dissimilarity_ratio = honest_dissimilarity / ‖ḡ‖²`` (``ḡ`` before privacy). One
+    honest worker: dissimilarity 0.
+    """
+    if h == 1:  # the deviation is NaN (no spread to estimate), the mean distance 0
+        dissimilarity = norm_clean * 0.0
+    else:
+        dissimilarity = (h - 1) / h * deviation_clean ** 2
+    return dissimilarity, dissimilarity / norm_clean ** 2
 
 
 def window_metrics(losses: Tensor, sent: Tensor, clean: Tensor | None, byz: Tensor | None, selected: Tensor | None,

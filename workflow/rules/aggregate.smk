@@ -4,7 +4,8 @@
 rule aggregate:
     """Concatenate every configured cell into `<results>/summary/metrics.parquet` and tabulate the
     final test accuracy (mean ± std over seeds) as Parquet and CSV, plus the per-step curves the
-    figures need (`dpbr aggregate`; names from `dpbr.report.layout`).
+    figures need and the selection counts per cell and worker (`dpbr aggregate`; names from
+    `dpbr.report.layout`).
 
     Only the configured cells are read (their paths are piped in with a shell built-in, so no
     command-line length limit applies): files of cells removed from the grid stay on disk but do
@@ -22,6 +23,7 @@ rule aggregate:
             labels={"table": "final test accuracy"},
         ),
         curves=summary_files()["curves"],
+        selections=summary_files()["selections"],
     params:
         out_dir=SUMMARY_DIR,
     log:

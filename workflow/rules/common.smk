@@ -296,6 +296,8 @@ def all_targets():
         targets += list(summary_files().values())
         for group in FIGURE_GROUPS:
             targets += figure_files(group)
+        if HETERO:  # plots.smk: non-IID partitions or bucketing rules
+            targets += hetero_report_outputs().values()
     if VN:
         targets += vn_report_outputs().values()
     if RECON:

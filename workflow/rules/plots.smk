@@ -52,3 +52,56 @@ rule plot:
     shell:
         "{PYTHON} -m dpbr plot --summary-dir {params.summary_dir:q} --out-dir {params.out_dir:q}"
         " --dataset {params.dataset:q} --model {params.model:q} --formats {params.formats} > {log:q} 2>&1"
+
+
+# --- Heterogeneous data: the bucketing paper's table and figures ---------------------------------
+#
+# Only for grids with a non-IID partition or a bucketing rule (dpbr.report.hetero_report.applies), so
+# the other configurations' jobs are unchanged.
+
+from dpbr.report import hetero_report as dpbr_hetero_report
+
+HETERO_FIGURES_DIR = os.path.join(FIGURES_DIR, "hetero")
+#: Whether the training grid gets the heterogeneous-data report (rule hetero_report).
+HETERO = bool(TRAIN) and dpbr_hetero_report.applies(TRAIN.values())
+
+
+def hetero_report_outputs():
+    """``{name: path}`` of the heterogeneous-data report: the table (CSV, Markdown) and every figure
+    in every format; the report format and the CSV are flagged for `snakemake --report`."""
+    out = {k: os.path.join(SUMMARY_DIR, f) for k, f in dpbr_hetero_report.SUMMARY_FILES.items()}
+    out["table_csv"] = report(out["table_csv"], caption="../report/hetero_table.rst", category="Heterogeneous data",
+                              labels={"table": "accuracy with and without bucketing"})
+    for figure in dpbr_hetero_report.FIGURES:
+        for fmt in PLOT_FORMATS:
+            path = os.path.join(HETERO_FIGURES_DIR, f"{figure}.{fmt}")
+            if fmt == _report_format():
+                path = report(path, caption=f"../report/hetero_{figure}.rst", category="Heterogeneous data",
+                              labels={"figure": figure})
+            out[f"{figure}_{fmt}"] = path
+    return out
+
+
+rule hetero_report:
+    """The bucketing paper's exp2 table (rule × {IID, non-IID} × bucket size s: mean ± std over seeds of
+    the last-5-evaluation accuracy) as CSV and Markdown, and its figures: that table, accuracy curves
+    per attack and rule, and how often each worker was selected (`dpbr hetero-report`; Karimireddy, He
+    & Jaggi 2022, arXiv 2006.09365). Reads the selection counts when `dpbr aggregate` writes them."""
+    input:
+        final=summary_files()["final"],
+        curves=summary_files()["curves"],
+        selections=[summary_files()["selections"]] if "selections" in summary_files() else [],
+    output:
+        **hetero_report_outputs(),
+    params:
+        formats=",".join(PLOT_FORMATS),
+    log:
+        os.path.join(LOGS, "hetero_report.log"),
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "{PYTHON} -m dpbr hetero-report --summary-dir {SUMMARY_DIR:q} --out-dir {HETERO_FIGURES_DIR:q}"
+        " --formats {params.formats} --quiet > {log:q} 2>&1"

@@ -3,8 +3,9 @@
 # `train.bundle` says:
 #
 #   seeds       (default) the missing seeds of a cell run as one job
-#   {cells: K}  up to K missing cells that can be batched together (same model, data, n, f, b, rule,
-#               attack structure: dpbr.jobs.bundles.compatibility_key) run as one job
+#   {cells: K}  up to K missing cells of one dataset and model run as one job (the process starts
+#               once; cells that can be batched together — same n, f, b, rule, attack structure:
+#               dpbr.jobs.bundles.compatibility_key — run as one batched simulation)
 #   none        one job per cell
 #
 # Only MISSING files are bundled: a cell whose file exists stays with rule `train`, where Snakemake's
