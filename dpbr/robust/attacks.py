@@ -911,8 +911,38 @@ class GaussianAttack(Attack):
         return Forged(noise)
 
 
+
+class _OwnGradientsAttack(Attack):
+    """An attack whose vectors come from the gradients the Byzantine workers compute on their own data
+    (the simulation passes them as ``own``, ``(f, d)``; ``(S, f, d)`` for a batch): :meth:`_send` maps
+    them to what is sent; ``own_note`` says in the error how they must be computed."""
+
+    needs_own_gradients = True
+    own_note = ""
+
+    def _send(self, own: Tensor, H: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _own(self, own: Any, shape: tuple[int, ...], where: str = "") -> Tensor:
+        if own is None:
+            raise UsageError(OPTION, f"{self.name} needs the Byzantine workers' own gradients ({self.own_note}): "
+                                     "pass own=")
+        if not isinstance(own, torch.Tensor) or tuple(own.shape) != shape:
+            got = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
+            raise UsageError(OPTION, f"{self.name}: own must have shape {shape}{where}, got {got}")
+        return own
+
+    def _forge(self, H, f, *, own, **_: Any) -> Forged:
+        return Forged(self._send(self._own(own, (f, H.shape[1])), H))
+
+    def _forge_batch(self, H, f, *, own, **_: Any) -> Forged:
+        S, _, d = H.shape
+        shape = (f, d) if own is None else (S, f, d)  # None: the error of the 2-D call
+        return Forged(self._send(self._own(own, shape, "" if own is None else " for a batch"), H))
+
+
 @registry.register("label-flip", "labelflip", "label_flip")
-class LabelFlipAttack(Attack):
+class LabelFlipAttack(_OwnGradientsAttack):
     """Label flipping: the Byzantine workers send honest-looking gradients of mislabelled data.
 
     Each Byzantine worker samples a batch of its *own* data, maps the labels with
@@ -922,31 +952,14 @@ class LabelFlipAttack(Attack):
     of it. Whether those gradients are clipped/noised like the honest ones is the simulation's choice.
     """
 
-    needs_own_gradients = True
     label_map = staticmethod(flip_labels)
+    own_note = "computed with labels y -> C-1-y"
 
     def __init__(self) -> None:
         super().__init__()
 
-    def _forge(self, H, f, *, own, **_: Any) -> Forged:
-        if own is None:
-            raise UsageError(
-                OPTION,
-                "label-flip needs the Byzantine workers' own gradients (computed with labels y -> C-1-y): pass own=",
-            )
-        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (f, H.shape[1]):
-            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
-            raise UsageError(OPTION, f"label-flip: own must have shape ({f}, {H.shape[1]}), got {shape}")
-        return Forged(own.to(dtype=H.dtype, device=H.device, copy=True).contiguous())
-
-    def _forge_batch(self, H, f, *, own, **_: Any) -> Forged:
-        S, _, d = H.shape
-        if own is None:
-            return self._forge(H[0], f, own=None)  # the error of the 2-D call
-        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (S, f, d):
-            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
-            raise UsageError(OPTION, f"label-flip: own must have shape ({S}, {f}, {d}) for a batch, got {shape}")
-        return Forged(own.to(dtype=H.dtype, device=H.device, copy=True).contiguous())
+    def _send(self, own: Tensor, H: Tensor) -> Tensor:
+        return own.to(dtype=H.dtype, device=H.device, copy=True).contiguous()
 
 
 def _same_labels(labels: Tensor, num_classes: int) -> Tensor:
@@ -955,7 +968,7 @@ def _same_labels(labels: Tensor, num_classes: int) -> Tensor:
 
 
 @registry.register("bit-flip", "bitflip", "bit_flip")
-class BitFlipAttack(Attack):
+class BitFlipAttack(_OwnGradientsAttack):
     """Bit flipping as Karimireddy, He & Jaggi define it (*Byzantine-Robust Learning on Heterogeneous
     Datasets via Bucketing*, ICLR 2022, arXiv 2006.09365; ``BitFlippingWorker`` of their code): each
     Byzantine worker ``j`` sends ``−g_j``, the negation of the gradient it computes on a batch of its
@@ -968,28 +981,14 @@ class BitFlipAttack(Attack):
     the simulation's choice.
     """
 
-    needs_own_gradients = True
     label_map = staticmethod(_same_labels)
+    own_note = "true labels"
 
     def __init__(self) -> None:
         super().__init__()
 
-    def _forge(self, H, f, *, own, **_: Any) -> Forged:
-        if own is None:
-            raise UsageError(OPTION, "bit-flip needs the Byzantine workers' own gradients (true labels): pass own=")
-        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (f, H.shape[1]):
-            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
-            raise UsageError(OPTION, f"bit-flip: own must have shape ({f}, {H.shape[1]}), got {shape}")
-        return Forged(torch.neg(own.to(device=H.device)).to(H.dtype).contiguous())
-
-    def _forge_batch(self, H, f, *, own, **_: Any) -> Forged:
-        S, _, d = H.shape
-        if own is None:
-            return self._forge(H[0], f, own=None)  # the error of the 2-D call
-        if not isinstance(own, torch.Tensor) or tuple(own.shape) != (S, f, d):
-            shape = tuple(own.shape) if isinstance(own, torch.Tensor) else type(own).__name__
-            raise UsageError(OPTION, f"bit-flip: own must have shape ({S}, {f}, {d}) for a batch, got {shape}")
-        return Forged(torch.neg(own.to(device=H.device)).to(H.dtype).contiguous())
+    def _send(self, own: Tensor, H: Tensor) -> Tensor:
+        return torch.neg(own.to(device=H.device)).to(H.dtype).contiguous()
 
 
 @registry.register("mimic")
