@@ -115,6 +115,19 @@ def _partition_help() -> str:
             "He, Jaggi 2022, arXiv 2006.09365).")
 
 
+_SYSTEM_HELP = (
+    "Simulated system: server (one trusted parameter server); 'draco(r=3,code=repetition|cyclic,vote=exact|tolerance,tol=0)' "
+    "(redundant gradients decoded by vote, Chen et al. 2018, arXiv 1803.09877; needs r >= 2f+1 and --gar average); "
+    "'guanyu(m=6,byzantine=1,attack=random|negate|equivocate|silent,q=n-f,qbar=m-byzantine)' (replicated servers, "
+    "some Byzantine, medians of quorums; El Mhamdi et al. 2019, arXiv 1905.03853; needs 2f+3 <= q <= n (default n-f) and "
+    "2*byzantine+3 <= qbar <= m-byzantine); 'liubei(m=4,byzantine=1,attack=random,gather=10)' (workers pull one "
+    "server's model through a Lipschitz and a model-distance filter; El Mhamdi, Guerraoui, Guirguis, PODC 2020; "
+    "needs m >= 3*byzantine+1).")
+_NETWORK_HELP = (
+    "Network: 'ideal(latency=1e-4,bandwidth=1.25e9,compute=0)' or 'lossy(drop=0.01,fill=nans|zeros|lost,...)': "
+    "each UDP packet (1472 bytes) of a worker's gradient is lost with probability drop and arrives as NaNs or zeros, "
+    "or the whole message is lost (AggregaThor's lossy transport, Damaskinos et al., SysML 2019). latency (s per "
+    "round), bandwidth (bytes/s per node) and compute (s per gradient) drive the simulated step time.")
 _MODEL_HELP = _model_help()
 _PARTITION_HELP = _partition_help()
 
@@ -141,6 +154,9 @@ def train_cmd(
     quantize: str = typer.Option("none", "--quantize", help="Quantizer: none, 'uniform(bits=8)', 'stochastic(bits=4)', 'sign', 'qsgd(levels=16)', 'fp16', 'bf16', 'log2(bits=4,rounding=nearest)', 'kmeans(levels=16,iterations=20)', 'fixed(int_bits=3,frac_bits=12,rounding=nearest)' (rounding: nearest or stochastic)."),
     partition: str = typer.Option("iid", "--partition", help=_PARTITION_HELP),
     worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (worker momentum as in Karimireddy, He, Jaggi 2022, arXiv 2006.09365); 0 = none."),
+    system: str = typer.Option("server", "--system", help=_SYSTEM_HELP),
+    network: str = typer.Option("ideal", "--network", help=_NETWORK_HELP),
+    staleness: int = typer.Option(0, "--staleness", help="Bounded staleness tau: each honest gradient is computed on the model of tau_i steps ago, tau_i uniform in 0..tau per worker and step (with --system server); 0 = synchronous."),
     seed: str = typer.Option("1", "--seed", help="Seed of every random stream of the run; several seeds run in one process, one file each: '1-5', '1,2,3', '1-3,7'."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),
@@ -165,6 +181,7 @@ def train_cmd(
         dataset=dataset, model=model, workers=workers, byzantine=byzantine, batch_size=batch_size, steps=steps,
         eval_every=eval_every, gar=gar, attack=attack, epsilon=epsilon, delta=delta, clip_mode=clip_mode,
         sparsify=sparsify, quantize=quantize, partition=partition, worker_momentum=worker_momentum,
+        system=system, network=network, staleness=staleness,
     )
     for key, value in (("byzantine_real", byzantine_real), ("lr", lr), ("momentum", momentum), ("clip", clip)):
         if value is not None:

@@ -215,6 +215,7 @@ class RunSpec(CellSpec):
         ("epsilon", "delta", "clip", "clip_mode", "sparsify", "quantize"),
         ("batch_size", "workers", "byzantine", "byzantine_real", "steps", "lr", "momentum",
          "eval_every", "partition", "worker_momentum"),
+        ("system", "network", "staleness"),
         ("seed",),
     )
 
@@ -238,6 +239,9 @@ class RunSpec(CellSpec):
     eval_every: int = 50
     partition: str = "iid"
     worker_momentum: float = 0.0
+    system: str = "server"
+    network: str = "ideal"
+    staleness: int = 0
     seed: int = 1
 
     #: Most steps of one run: every step's metrics are kept in memory (a float64 row per step).
@@ -259,6 +263,7 @@ class RunSpec(CellSpec):
         from dpbr import data
         from dpbr import model_catalog as models
         from dpbr.robust import aggregators, attacks
+        from dpbr import system_catalog as systems
 
         given = _option_reader(cls, options)
         dataset = data.canonical_name(str(given("dataset", cls.dataset)).strip())
@@ -298,12 +303,17 @@ class RunSpec(CellSpec):
             raise UsageError("--partition", f"unknown partition {partition!r}; allowed: {', '.join(PARTITIONS)}")
         worker_momentum = _float(given("worker_momentum", cls.worker_momentum), "worker_momentum", low=0.0, high=1.0, high_open=True)
         seed = _int(given("seed", cls.seed), "seed", low=0)
+        staleness = _int(given("staleness", cls.staleness), "staleness", low=0, high=1000)
+        system = systems.check_system(systems.parse_system(given("system", cls.system)), workers=workers,
+                                      byzantine=byzantine, byzantine_real=byzantine_real, gar=rule.name,
+                                      staleness=staleness, worker_momentum=worker_momentum)
+        network = systems.parse_network(given("network", cls.network))
 
         return cls(
             dataset=dataset, model=model, gar=rule.name, attack=attack, **privacy.columns(), batch_size=batch_size,
             workers=workers, byzantine=byzantine, byzantine_real=byzantine_real, steps=steps, lr=lr,
             momentum=momentum, eval_every=eval_every, partition=partition, worker_momentum=worker_momentum,
-            seed=seed,
+            system=system.text(), network=network.text(), staleness=staleness, seed=seed,
         )
 
     # -- derived views ------------------------------------------------------------------------- #
@@ -344,6 +354,27 @@ class RunSpec(CellSpec):
     def label(self) -> str:
         """A short human label for plots: ``mda/little``."""
         return f"{self.gar}/{self.attack}"
+
+    #: The fields that choose the simulated system (:mod:`dpbr.simulation.systems`), and their defaults:
+    #: the one trusted synchronous server on an ideal network.
+    SYSTEM_FIELDS: ClassVar[tuple[str, ...]] = ("system", "network", "staleness")
+
+    @property
+    def plain_server(self) -> bool:
+        """Whether the cell simulates the one trusted synchronous server on an ideal link (the default)."""
+        return self.system == "server" and self.network.startswith("ideal") and self.staleness == 0
+
+    def cell_id(self) -> str:
+        """As :meth:`CellSpec.cell_id`, without the system level when it holds the defaults (``server``,
+        ``ideal``, 0), so that the cells of the one-server study keep their ids."""
+        groups = [g for g in self.layout if not (g == RunSpec.SYSTEM_FIELDS and default_system(self))]
+        return "/".join(",".join(f"{k}={path_token(getattr(self, k))}" for k in group) for group in groups)
+
+
+def default_system(cell: Any) -> bool:
+    """Whether a train cell (a :class:`RunSpec` or anything with its fields) holds the default system
+    fields — one trusted server, the default ideal network, no staleness — whose cell ids omit them."""
+    return cell.system == RunSpec.system and cell.network == RunSpec.network and cell.staleness == RunSpec.staleness
 
 
 PARTITIONS: tuple[str, ...] = ("iid", "shards", "dirichlet", "longtail")

@@ -89,12 +89,29 @@ def records_frame(spec: RunSpec, result: RunResult, extra: dict[str, Any]) -> pd
         acc[step], loss[step] = a, l
     frame["test_accuracy"] = acc
     frame["test_loss"] = loss
+    for name, values in _per_step_columns(spec, result).items():
+        column = np.full(n + 1, np.nan)
+        column[1:] = values
+        frame[name] = column
     frame["status"] = result.status
     for key, value in extra.items():
         frame[key] = value
     for key, value in spec.columns().items():
         frame[key] = value
     return frame
+
+
+def _per_step_columns(spec: RunSpec, result: RunResult) -> dict[str, Any]:
+    """The run's further per-step columns: a system run's own (what the system did, its costs;
+    :data:`dpbr.simulation.systems.run.SYSTEM_COLUMNS`), otherwise the one trusted server's constant
+    costs (:func:`dpbr.simulation.systems.run.plain_step_cost`)."""
+    if result.columns is not None:
+        return {name: values.numpy() for name, values in result.columns.items()}
+    from dpbr.simulation.systems.costs import COST_COLUMNS
+    from dpbr.simulation.systems.run import plain_step_cost
+
+    row = plain_step_cost(spec, int(result.facts["dim"])).as_row()
+    return {name: np.full(result.steps_done, value, dtype=np.float64) for name, value in zip(COST_COLUMNS, row.values())}
 
 
 def _list_column(values: Any, steps: int) -> list[Any]:
@@ -188,7 +205,7 @@ def _groups(cells: list[CellJob], batch: str) -> list[tuple[list[int], bool]]:
         return [([i], False) for i in range(len(cells))]
     groups: dict[Any, list[int]] = {}
     for i, cell in enumerate(cells):
-        key = None if cell.checkpoint_steps else cell.spec.batch_key()
+        key = None if cell.checkpoint_steps or not cell.spec.plain_server else cell.spec.batch_key()
         groups.setdefault(("alone", i) if key is None else ("batch", key), []).append(i)
     return [(group, key[0] == "batch" and (len(group) > 1 or batch == "on")) for key, group in groups.items()]
 
@@ -273,7 +290,12 @@ def _run_alone(cell: CellJob, ckpt_dir: Path | None, dataset: Any, dev: Any, str
     """One cell with :class:`Simulation` (and its checkpoints): ``(result, facts, wall seconds, run id)``."""
     spec = cell.spec
     seed_everything(spec.seed)
-    sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
+    if spec.plain_server:
+        sim = Simulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
+    else:
+        from dpbr.simulation.systems.run import SystemSimulation
+
+        sim = SystemSimulation(spec, dataset, dev, strategy=strategy, chunk=chunk)
     writer = checkpoints.CheckpointWriter(ckpt_dir, spec=spec.to_dict()) if ckpt_dir is not None else None
     with contextlib.ExitStack() as stack:
         if writer is not None:

@@ -73,9 +73,12 @@ GROUP_FIELDS: tuple[str, ...] = tuple(f for f in spec_fields(RunSpec) if f != "s
 LAST_K = 5
 
 #: Columns every ``dpbr train`` cell file must have to be aggregated (the tables below read them).
+#: (Files written before the system fields existed lack ``system``, ``network`` and ``staleness``: they were
+#: one-server runs, and are read with those fields' defaults.)
 CELL_COLUMNS: tuple[str, ...] = ("cell_id", "step", "train_loss", "test_accuracy", "test_loss", "status",
-                                 *spec_fields(RunSpec))
-_CELL_TEXTS = ("cell_id", "status", "dataset", "model", "gar", "attack", "clip_mode", "quantize", "partition")
+                                 *(f for f in spec_fields(RunSpec) if f not in RunSpec.SYSTEM_FIELDS))
+_CELL_TEXTS = ("cell_id", "status", "dataset", "model", "gar", "attack", "clip_mode", "quantize", "partition",
+               "system", "network")
 _CELL_NUMBERS = tuple(c for c in CELL_COLUMNS if c not in _CELL_TEXTS)
 
 
@@ -137,6 +140,16 @@ def _group_id(cell_id: str) -> str:
     return head if last.startswith("seed=") else cell_id
 
 
+def _with_system_fields(table: pa.Table) -> pa.Table:
+    """``table`` with the system fields a file written before they existed lacks, at their defaults."""
+    for name in RunSpec.SYSTEM_FIELDS:
+        if name not in table.column_names:
+            default = getattr(RunSpec, name)
+            kind = pa.int64() if isinstance(default, int) else pa.string()
+            table = table.append_column(name, pa.array([default] * table.num_rows, type=kind))
+    return table
+
+
 def load_metrics(files: Sequence[str | Path]) -> pd.DataFrame:
     """Concatenate cell files into one table and add the labels ``privacy``, ``pair``, ``group_id``.
 
@@ -145,8 +158,8 @@ def load_metrics(files: Sequence[str | Path]) -> pd.DataFrame:
     """
     if not files:
         raise UsageError("PATHS", "no cell files to aggregate")
-    tables = [read_table(f, "PATHS", "a dpbr train cell file", required=CELL_COLUMNS, numbers=_CELL_NUMBERS,
-                         texts=_CELL_TEXTS) for f in files]
+    tables = [_with_system_fields(read_table(f, "PATHS", "a dpbr train cell file", required=CELL_COLUMNS,
+                                             numbers=_CELL_NUMBERS, texts=_CELL_TEXTS)) for f in files]
     try:
         table = pa.concat_tables(tables, promote_options="default")
     except pa.ArrowException as exc:  # e.g. a column of integers in one file and text in another

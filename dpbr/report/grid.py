@@ -182,7 +182,22 @@ def expand(config: Mapping[str, Any] | None, spec_cls: type[CellSpec], section: 
                 assigned.update(part)
             spec = _create(spec_cls, assigned, context)
             cells.setdefault(spec.cell_id(), spec)
+    _check_system_levels(cells, section)
     return cells
+
+
+def _check_system_levels(cells: Mapping[str, CellSpec], section: str) -> None:
+    """Refuse a train section whose cells mix the default system (one trusted server, default ideal
+    network, no staleness: no system level in the cell id) with others (a system level): the workflow
+    names a section's files by one pattern, which has the level or not."""
+    from dpbr.spec import RunSpec, default_system
+
+    specs = [c for c in cells.values() if isinstance(c, RunSpec)]
+    plain = [default_system(c) for c in specs]
+    if any(plain) and not all(plain):
+        raise UsageError(f"{section}.grid", "cells of the default system (system server, network ideal, staleness 0) "
+                         "and of other systems cannot share a section; give the one-server baselines an explicit "
+                         "link, e.g. network: 'ideal(compute=0.01)', or run them from another config")
 
 
 # ----------------------------------------------------------------------------------------------- #

@@ -98,6 +98,8 @@ class RunResult:
     facts: dict[str, Any] = field(default_factory=dict)
     worker_norms: Tensor | None = None  # (steps_done, n) float64, host: ‖x_i‖ of every row the rule received
     selected: Tensor | None = None      # (steps_done, n) bool, host: the rule's selection; None if it does not select
+    #: further per-step columns ``{name: (steps_done,) float64}`` (system runs: what the system did and its costs)
+    columns: dict[str, Tensor] | None = None
 
 
 class _Run:
