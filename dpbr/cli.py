@@ -195,7 +195,8 @@ def train_cmd(
 
     spec = specs[0]
     shown = f" seeds {seed}" if several else ""
-    update, close = make_progress(f"train {spec.gar}/{spec.attack} b={spec.batch_size}{shown}",
+    system = "" if spec.system == "server" else f" {spec.system}"
+    update, close = make_progress(f"train {spec.gar}/{spec.attack}{system} b={spec.batch_size}{shown}",
                                   spec.steps * len(specs), quiet)
     try:
         if not several:
@@ -532,6 +533,23 @@ def hetero_report_cmd(
     from dpbr.report.hetero_report import hetero_report
 
     written = hetero_report(summary_dir, out_dir, formats=_formats(formats))
+    if not quiet:
+        print(f"wrote {len(written)} files", file=sys.stderr)
+
+
+@app.command("systems-report")
+def systems_report_cmd(
+    summary_dir: Path = typer.Option(Path("results/summary"), "--summary-dir", help="Folder written by 'dpbr aggregate' (metrics, final_accuracy); systems_table.{csv,md} and systems_claims.{csv,md} are written there."),
+    out_dir: Path = typer.Option(Path("results/figures/systems"), "--out-dir", help="Folder of the figures draco_exact, time_to_accuracy, privacy_vote, servers, costs, lossy, staleness."),
+    formats: str = typer.Option("html,png,svg", "--formats", help="Comma-separated: html (self-contained, offline), png, svg."),
+    quiet: bool = typer.Option(False, "--quiet", help="No report of what was written."),
+) -> None:
+    """Tabulate the robust systems (accuracy, costs per step, simulated time) and check their claims against the
+    one-server runs: DRACO (Chen et al. 2018, arXiv 1803.09877), GuanYu (El Mhamdi et al. 2019, arXiv 1905.03853),
+    LiuBei (El Mhamdi, Guerraoui, Guirguis, PODC 2020), AggregaThor (Damaskinos et al., SysML 2019)."""
+    from dpbr.report.systems_report import systems_report
+
+    written = systems_report(summary_dir, out_dir, formats=_formats(formats))
     if not quiet:
         print(f"wrote {len(written)} files", file=sys.stderr)
 

@@ -237,6 +237,10 @@ def check_system(system: SystemSpec, *, workers: int, byzantine: int, byzantine_
                                          f"(quorum 2f̄ + 3 <= q̄ <= m − f̄), not m = {m}")
             q = p["q"] if p["q"] is not None else workers - byzantine
             qbar = p["qbar"] if p["qbar"] is not None else m - fbar
+            if p["q"] is None and q < 2 * byzantine + 3:
+                raise UsageError(option, f"guanyu's default worker quorum q = n − f = {q} is below 2f + 3 = "
+                                         f"{2 * byzantine + 3}: it needs n >= 3f + 3 = {3 * byzantine + 3} workers "
+                                         f"(--workers) or a smaller --byzantine")
             if not 2 * byzantine + 3 <= q <= workers:
                 raise UsageError(option, f"guanyu(q=…) must be in {2 * byzantine + 3} .. {workers} "
                                          f"(2f + 3 <= q <= n with n = {workers}, f = {byzantine}), not {q}")

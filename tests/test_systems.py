@@ -292,3 +292,38 @@ def test_every_violated_requirement_is_one_line(extra, option, says, capsys, tmp
     out = tmp_path / "never.parquet"
     assert_one_line_error([*TRAIN, *extra, "--out", out], option, capsys, says=says)
     assert not out.exists()
+
+
+# -- the study's configurations ------------------------------------------------------------------------ #
+
+@pytest.mark.parametrize("name, count, seeds", [("systems-quick", 46, {1}), ("systems", 216, {1, 2, 3})])
+def test_systems_configs_hold_every_claims_cells(name, count, seeds):
+    """Each claim of the README's "Robust systems" section has its cells: DRACO under attacks and without,
+    both codes, with noise (exact and tolerance vote); GuanYu and LiuBei with a Byzantine server under each
+    behaviour; the one-server baselines; lossy links (zeros, NaNs, lost messages); malformed input;
+    staleness — and no cell of the default system (its ids would lack the system level)."""
+    import yaml
+
+    from dpbr.report import grid
+    from dpbr.spec import default_system
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / f"{name}.yaml").read_text())
+    cells = list(grid.expand(config["train"], RunSpec, "train").values())
+    assert len(cells) == count
+    assert {c.seed for c in cells} == seeds
+    assert not any(default_system(c) for c in cells)
+    systems = {c.system.split("(")[0] for c in cells}
+    assert systems == {"server", "draco", "guanyu", "liubei"}
+    draco = [c for c in cells if c.system.startswith("draco")]
+    assert {("cyclic" in c.system, c.attack == "none") for c in draco} == {(a, b) for a in (0, 1) for b in (0, 1)}
+    assert any(c.epsilon is not None and "vote=exact" in c.system for c in draco)
+    assert any(c.epsilon is not None and "vote=tolerance" in c.system for c in draco)
+    for attack in ("random", "negate", "equivocate"):
+        assert any(f"attack={attack}" in c.system and "byzantine=1" in c.system for c in cells if "guanyu" in c.system)
+        assert any(f"attack={attack}" in c.system and "byzantine=1" in c.system for c in cells if "liubei" in c.system)
+    from dpbr.system_catalog import parse_network
+
+    fills = {parse_network(c.network).fill for c in cells if c.network.startswith("lossy")}
+    assert fills == {"zeros", "nans", "lost"}
+    assert {c.staleness for c in cells} >= {0, 2, 8}
+    assert any(c.attack == "nan" and c.system == "server" for c in cells)

@@ -298,6 +298,8 @@ def all_targets():
             targets += figure_files(group)
         if HETERO:  # plots.smk: non-IID partitions or bucketing rules
             targets += hetero_report_outputs().values()
+        if SYSTEMS_REPORT:  # plots.smk: a system, network or staleness other than the defaults
+            targets += systems_report_outputs().values()
     if VN:
         targets += vn_report_outputs().values()
     if RECON:

@@ -105,3 +105,58 @@ rule hetero_report:
     shell:
         "{PYTHON} -m dpbr hetero-report --summary-dir {SUMMARY_DIR:q} --out-dir {HETERO_FIGURES_DIR:q}"
         " --formats {params.formats} --quiet > {log:q} 2>&1"
+
+
+# --- Robust systems: DRACO, GuanYu, LiuBei, lossy networks, staleness ----------------------------
+#
+# Only for grids with a system, network or staleness other than the defaults
+# (dpbr.report.systems_report.applies), so the other configurations' jobs are unchanged.
+
+from dpbr.report import systems_report as dpbr_systems_report
+
+SYSTEMS_FIGURES_DIR = os.path.join(FIGURES_DIR, "systems")
+#: Whether the training grid gets the robust-systems report (rule systems_report).
+SYSTEMS_REPORT = bool(TRAIN) and dpbr_systems_report.applies(TRAIN.values())
+
+
+def systems_report_outputs():
+    """``{name: path}`` of the robust-systems report: the table and the claims (CSV, Markdown) and every
+    figure in every format; the report format and the CSVs are flagged for `snakemake --report`."""
+    out = {k: os.path.join(SUMMARY_DIR, f) for k, f in dpbr_systems_report.SUMMARY_FILES.items()}
+    out["table_csv"] = report(out["table_csv"], caption="../report/systems_table.rst", category="Robust systems",
+                              labels={"table": "systems: accuracy and costs"})
+    out["claims_csv"] = report(out["claims_csv"], caption="../report/systems_claims.rst", category="Robust systems",
+                               labels={"table": "systems: claims checked"})
+    for figure in dpbr_systems_report.FIGURES:
+        for fmt in PLOT_FORMATS:
+            path = os.path.join(SYSTEMS_FIGURES_DIR, f"{figure}.{fmt}")
+            if fmt == _report_format():
+                path = report(path, caption=f"../report/systems_{figure}.rst", category="Robust systems",
+                              labels={"figure": figure})
+            out[f"{figure}_{fmt}"] = path
+    return out
+
+
+rule systems_report:
+    """The robust systems against the one-server runs (`dpbr systems-report`): a table of every group's
+    accuracy, costs per step (gradients, messages, bytes, rounds, simulated seconds) and what the system
+    did; the papers' claims with the measured evidence and a verdict (DRACO, Chen et al. 2018, arXiv
+    1803.09877; GuanYu, El Mhamdi et al. 2019, arXiv 1905.03853; LiuBei, El Mhamdi, Guerraoui, Guirguis,
+    PODC 2020; AggregaThor, Damaskinos et al., SysML 2019); and their figures."""
+    input:
+        metrics=summary_files()["metrics"],
+        final=summary_files()["final"],
+    output:
+        **systems_report_outputs(),
+    params:
+        formats=",".join(PLOT_FORMATS),
+    log:
+        os.path.join(LOGS, "systems_report.log"),
+    localrule: True
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{PYTHON} -m dpbr systems-report --summary-dir {SUMMARY_DIR:q} --out-dir {SYSTEMS_FIGURES_DIR:q}"
+        " --formats {params.formats} --quiet > {log:q} 2>&1"

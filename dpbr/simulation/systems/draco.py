@@ -32,7 +32,7 @@ import torch
 
 from dpbr import rng
 from dpbr.simulation.systems import codes
-from dpbr.simulation.systems.run import Protocol, StepOutcome
+from dpbr.simulation.systems.run import Protocol, StepOutcome, plain_step_cost
 
 __all__ = ["Draco", "CYCLIC_TOLERANCE"]
 
@@ -62,7 +62,7 @@ class Draco(Protocol):
             self.encoding = codes.cyclic_encoding(n, self.r, rng.generator(sim.spec.seed, "code"))
             self.encoding_rows = self.encoding[:sim.h].to(sim.device)
             self.decode_gen = rng.generator(sim.spec.seed, "decode")
-        self.cost = _cost(sim, self.r)
+        self.cost = plain_step_cost(sim.spec, sim.dim, self.r)
 
     def step(self, s: int) -> StepOutcome:
         sim, n, h = self.sim, self.sim.spec.workers, self.sim.h
@@ -113,11 +113,3 @@ class Draco(Protocol):
         aggregate = total / n if ok else torch.zeros_like(total)
         return aggregate, ~adversaries.to(received.device), {"decoded_fraction": float(ok),
                                                              "located_byzantine": float(adversaries.sum())}
-
-
-def _cost(sim, r: int):  # noqa: ANN001, ANN202
-    from dpbr.simulation.systems import costs
-
-    n, d = sim.spec.workers, sim.dim
-    transfers = [("servers", costs.broadcast(1, n, d)), ("workers", costs.gather(n, 1, d))]
-    return costs.step_cost(r, n, transfers, sim.link)

@@ -85,12 +85,13 @@ def link_of(network: catalog.NetworkSpec) -> cost_model.LinkModel:
                                 compute_s=network.compute)
 
 
-def plain_step_cost(spec: RunSpec, dim: int) -> Any:
-    """The cost of one step of the one trusted server (broadcast of θ, gather of the ``n`` gradients; one
-    gradient per worker): the cost columns of every run of the ordinary engine."""
+def plain_step_cost(spec: RunSpec, dim: int, gradients_per_worker: int = 1) -> Any:
+    """The cost of one step of the one trusted server (broadcast of θ, gather of the ``n`` gradients;
+    ``gradients_per_worker`` mini-batch gradients per worker, ``r`` for DRACO): the cost columns of every
+    run of the ordinary engine."""
     n = spec.workers
     transfers = [("servers", cost_model.broadcast(1, n, dim)), ("workers", cost_model.gather(n, 1, dim))]
-    return cost_model.step_cost(1, n, transfers, link_of(catalog.parse_network(spec.network)))
+    return cost_model.step_cost(gradients_per_worker, n, transfers, link_of(catalog.parse_network(spec.network)))
 
 
 class Protocol:

@@ -13,9 +13,12 @@
   servers", PODC 2020. Every honest worker pulls the model of *one* server (server ``(j + t) mod m``
   for worker ``j`` at step ``t``) and keeps it only if it passes two filters, otherwise it asks the
   next server (one more round and one more gradient computation):
-  the *Lipschitz filter* — the growth coefficient ``k = ‖g(θ_pulled) − g_prev‖ / ‖θ_pulled − θ_prev‖``
-  must not exceed the ``(m − f̄)/m`` quantile of the coefficients the worker accepted before (accepted
-  while the worker has none); and the *model filter* —
+  the *Lipschitz filter* — the growth coefficient ``k = ‖g(θ_pulled) − g_prev‖ / ‖θ_local − θ_prev‖``,
+  ``θ_local = θ_prev − λ·g_prev`` the worker's own estimate of the next model, must not exceed the
+  ``(m − f̄)/m`` quantile of every coefficient the worker computed before, from any server (accepted
+  while it has none: with at most ``f̄`` of ``m`` servers Byzantine their coefficients fall above that
+  quantile, and with a stationary spread of honest ``k`` an honest model is refused about ``f̄/m`` of
+  the time, by design); and the *model filter* —
   ``‖θ_prev − λ·g_prev − θ_pulled‖ ≤ λ‖g_prev‖·((3T + 2)(n − f)/(4f) + 2((t − 1) mod T))`` (``g_prev``
   clipped as the worker sent it: the rule's guarantee bounds the update by what was sent) with
   ``T`` the gather period (no bound when ``f = 0``); at the first step, when there is no gradient yet,
@@ -210,16 +213,16 @@ class LiuBei(_Servers):
         if self.prev_grads is None:  # first step: every honest server still holds the common initial model
             return bool(torch.equal(model, self.prev_models[j])), math.nan
         prev_model, prev_grad, lr = self.prev_models[j], self.prev_grads[j], self.sim.spec.lr
-        step_norm = float((model - prev_model).norm())
+        step = self.prev_steps[j]  # type: ignore[index]
+        local_step = lr * float(step.norm())  # ‖θ_local − θ_prev‖ of the local estimate θ_prev − λ·g_prev
         growth = float((grad - prev_grad).norm())
-        k = 0.0 if growth == 0 else (math.inf if step_norm == 0 else growth / step_norm)
+        k = 0.0 if growth == 0 else (math.inf if local_step == 0 else growth / local_step)
         if not math.isfinite(float(model.sum())):
             return False, k
         history = self.coefficients[j]
         lipschitz = not history or k <= _quantile(history, self.quantile)
-        step = self.prev_steps[j]  # type: ignore[index]
         distance = float((prev_model - lr * step - model).norm())
-        within = distance <= lr * float(step.norm()) * self._bound(s)
+        within = distance <= local_step * self._bound(s)
         return lipschitz and within, k
 
     def step(self, s: int) -> StepOutcome:
@@ -262,10 +265,10 @@ class LiuBei(_Servers):
             for t, j in enumerate(pending):
                 ok, k = (True, math.nan) if attempt == self.m else (
                     self._accepts(j, models[t], grads[t], s) if bool(reachable[t]) else (False, math.nan))
+                if math.isfinite(k):  # every coefficient the worker computed, accepted or not
+                    self.coefficients[j].append(k)
                 if ok:
                     clean[j], losses[j], chosen[j] = grads[t], ls[t], models[t]
-                    if math.isfinite(k):
-                        self.coefficients[j].append(k)
                 else:
                     rejected += int(bool(reachable[t]))
                     still.append(j)
