@@ -327,3 +327,13 @@ def test_systems_configs_hold_every_claims_cells(name, count, seeds):
     assert fills == {"zeros", "nans", "lost"}
     assert {c.staleness for c in cells} >= {0, 2, 8}
     assert any(c.attack == "nan" and c.system == "server" for c in cells)
+
+
+def test_silent_byzantine_servers_send_nothing(vectors):
+    """m = 6, one silent: 5 servers send models to 9 workers (45), 9 workers send to 6 servers (54),
+    5 servers send to the 5 others (25); the busiest node per round as in the loud case."""
+    _, loud = run(vectors, system="guanyu(m=6,byzantine=1,attack=random)", gar="median", steps=2)
+    _, silent = run(vectors, system="guanyu(m=6,byzantine=1,attack=silent)", gar="median", steps=2)
+    assert float(column(loud, "messages")[0]) == 54 + 54 + 30
+    assert float(column(silent, "messages")[0]) == 45 + 54 + 25
+    assert float(column(silent, "bytes_servers")[0]) == (45 + 25) * 276

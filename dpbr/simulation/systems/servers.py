@@ -92,6 +92,20 @@ class _Servers(Protocol):
         self.server_gen = rng.generator(sim.spec.seed, "servers", None, gen_dev)
         self.quorum_gen = rng.generator(sim.spec.seed, "quorum", None, "cpu")
 
+    @property
+    def speaking(self) -> int:
+        """How many servers send messages: all ``m``, or the honest ones when the Byzantine ones are silent."""
+        return self.honest_servers if self.server_attack == "silent" else self.m
+
+    def exchange(self) -> costs.Transfer:
+        """The servers' all-to-all round: every speaking server sends its model to the ``m − 1`` others."""
+        if self.speaking == self.m:
+            return costs.exchange(self.m, values=self.sim.dim)
+        messages = self.speaking * (self.m - 1)
+        return costs.Transfer(senders=self.speaking, receivers=self.m, messages=messages,
+                              values_per_message=self.sim.dim, max_in_messages=self.speaking,
+                              max_out_messages=self.m - 1)
+
     def replies(self, recipients: int) -> Tensor | None:
         """The Byzantine servers' models for ``recipients`` (``(recipients, f̄, d)``) or ``None``."""
         return byzantine_models(self.models, self.fbar, recipients, self.server_attack, self.server_gen)
@@ -147,8 +161,8 @@ class GuanYu(_Servers):
         p = sim.system.params
         self.q, self.qbar = int(p["q"]), int(p["qbar"])
         n, d = sim.spec.workers, sim.dim
-        transfers = [("servers", costs.broadcast(self.m, n, d)), ("workers", costs.gather(n, self.m, d)),
-                     ("servers", costs.exchange(self.m, d))]
+        transfers = [("servers", costs.broadcast(self.speaking, n, d)), ("workers", costs.gather(n, self.m, d)),
+                     ("servers", self.exchange())]
         self.cost = costs.step_cost(1, n, transfers, sim.link)
 
     def step(self, s: int) -> StepOutcome:
@@ -298,7 +312,7 @@ class LiuBei(_Servers):
                      for count in pulls_per_round]
         transfers.append(("workers", costs.gather(n, self.m, d)))
         if gather:
-            transfers.append(("servers", costs.exchange(self.m, d)))
+            transfers.append(("servers", self.exchange()))
         cost = costs.step_cost(max(len(pulls_per_round), 1), n, transfers, sim.link)
         cost = dataclasses.replace(cost, gradient_computations=computations + sim.f_real)
         values = {"update_applied": float(applied_first), "server_spread": self.spread(),
