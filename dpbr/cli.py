@@ -156,7 +156,7 @@ def train_cmd(
     worker_momentum: float = typer.Option(0.0, "--worker-momentum", help="Honest workers' momentum beta (worker momentum as in Karimireddy, He, Jaggi 2022, arXiv 2006.09365); 0 = none."),
     system: str = typer.Option("server", "--system", help=_SYSTEM_HELP),
     network: str = typer.Option("ideal", "--network", help=_NETWORK_HELP),
-    staleness: int = typer.Option(0, "--staleness", help="Bounded staleness tau: each honest gradient is computed on the model of tau_i steps ago, tau_i uniform in 0..tau per worker and step (with --system server); 0 = synchronous."),
+    staleness: int = typer.Option(0, "--staleness", help="Bounded staleness tau: each honest gradient is computed on the model of tau_i steps ago, tau_i uniform in 0..tau per worker and step (with --system server or guanyu); 0 = synchronous."),
     seed: str = typer.Option("1", "--seed", help="Seed of every random stream of the run; several seeds run in one process, one file each: '1-5', '1,2,3', '1-3,7'."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:<i>."),
     data_dir: Path = typer.Option(Path("data"), "--data-dir", help="Where datasets are cached (see 'dpbr data fetch')."),

@@ -39,7 +39,8 @@ message is missing. ``latency`` (s per round), ``bandwidth`` (bytes/s per node) 
 
 Staleness (``--staleness τ``): every honest worker's gradient is computed on the model of ``τ_i``
 steps ago, ``τ_i`` drawn uniformly from ``0..τ`` per worker and step (bounded-staleness SGD; the
-server does not wait for the slowest worker). With ``server``.
+server does not wait for the slowest worker). With ``server`` and ``guanyu`` (whose quorums take
+the gradients as they come).
 """
 
 from __future__ import annotations
@@ -212,8 +213,8 @@ def check_system(system: SystemSpec, *, workers: int, byzantine: int, byzantine_
     """
     option = "--system"
     name, p = system.name, dict(system.params)
-    if staleness and name != "server":
-        raise UsageError("--staleness", f"staleness is simulated with --system server only, not {name}")
+    if staleness and name not in ("server", "guanyu"):
+        raise UsageError("--staleness", f"staleness is simulated with --system server or guanyu, not {name}")
     if name == "draco":
         r, code = p["r"], p["code"]
         if r < 2 * byzantine + 1:

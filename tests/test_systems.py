@@ -285,7 +285,7 @@ def test_default_system_keeps_the_one_server_cell_ids():
     (["--network", "ideal(bandwidth=0)"], "--network", "> 0.0"),
     (["--network", "ideal(drop=0.1)"], "--network", "no parameter 'drop'"),
     (["--staleness", "-1"], "--staleness", ">= 0"),
-    (["--staleness", "2", "--system", "draco(r=3)", "--workers", "3", "--byzantine", "1"], "--staleness", "server only"),
+    (["--staleness", "2", "--system", "draco(r=3)", "--workers", "3", "--byzantine", "1"], "--staleness", "server or guanyu"),
     (["--system", "liubei(m=4,byzantine=1)", "--worker-momentum", "0.9"], "--worker-momentum", "must be 0"),
 ])
 def test_every_violated_requirement_is_one_line(extra, option, says, capsys, tmp_path):
@@ -296,7 +296,7 @@ def test_every_violated_requirement_is_one_line(extra, option, says, capsys, tmp
 
 # -- the study's configurations ------------------------------------------------------------------------ #
 
-@pytest.mark.parametrize("name, count, seeds", [("systems-quick", 46, {1}), ("systems", 216, {1, 2, 3})])
+@pytest.mark.parametrize("name, count, seeds", [("systems-quick", 46, {1}), ("systems", 222, {1, 2, 3})])
 def test_systems_configs_hold_every_claims_cells(name, count, seeds):
     """Each claim of the README's "Robust systems" section has its cells: DRACO under attacks and without,
     both codes, with noise (exact and tolerance vote); GuanYu and LiuBei with a Byzantine server under each
@@ -337,3 +337,14 @@ def test_silent_byzantine_servers_send_nothing(vectors):
     assert float(column(loud, "messages")[0]) == 54 + 54 + 30
     assert float(column(silent, "messages")[0]) == 45 + 54 + 25
     assert float(column(silent, "bytes_servers")[0]) == (45 + 25) * 276
+
+
+def test_guanyu_with_stale_workers_and_no_byzantine_server_is_the_stale_one_server_run(vectors):
+    """f̄ = 0, full quorums: every server holds the one server's model, so a worker's median of the servers'
+    models of τ_j steps ago is the one server's model of τ_j steps ago (the same age draws)."""
+    engine, expected = run(vectors, gar="krum", attack="little", staleness=3, steps=60)
+    sim, got = run(vectors, gar="krum", attack="little", staleness=3, steps=60, system="guanyu(m=3,byzantine=0,q=9)")
+    torch.testing.assert_close(column(got, "staleness_mean"), column(expected, "staleness_mean"), rtol=0, atol=0)
+    torch.testing.assert_close(sim.oracle.theta, engine.oracle.theta, rtol=1e-5, atol=1e-7)
+    _, loud = run(vectors, gar="krum", attack="little", staleness=3, steps=60, system="guanyu(m=6,byzantine=1)")
+    assert loud.status == "completed" and float(column(loud, "staleness_mean")[3:].mean()) > 1

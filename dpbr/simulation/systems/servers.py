@@ -37,6 +37,7 @@ Byzantine servers (``attack=``): ``random`` — each sends ``θ̄ + σ·ξ`` wit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any
@@ -114,14 +115,16 @@ class _Servers(Protocol):
         """``count`` rows of random orders of ``0..total−1`` (which honest replies arrive first)."""
         return torch.stack([torch.randperm(total, generator=self.quorum_gen) for _ in range(count)])
 
-    def quorum_medians(self, recipients: int, quorum: int) -> Tensor:
-        """Each recipient's coordinate-wise median of a quorum of ``quorum`` server models: every Byzantine
-        reply sent, then honest models in a random order. ``(recipients, d)``."""
-        byz = self.replies(recipients)
+    def quorum_medians(self, recipients: int, quorum: int, models: Tensor | None = None) -> Tensor:
+        """Each recipient's coordinate-wise median of a quorum of ``quorum`` server models (the honest servers'
+        ``models``, their current ones by default): every Byzantine reply sent, then honest models in a
+        random order. ``(recipients, d)``."""
+        models = self.models if models is None else models
+        byz = byzantine_models(models, self.fbar, recipients, self.server_attack, self.server_gen)
         nbyz = 0 if byz is None else byz.shape[1]
         take = quorum - nbyz
-        order = self.honest_order(recipients, self.honest_servers)[:, :take].to(self.models.device)
-        chosen = self.models[order]  # (recipients, take, d)
+        order = self.honest_order(recipients, self.honest_servers)[:, :take].to(models.device)
+        chosen = models[order]  # (recipients, take, d)
         stack = chosen if byz is None else torch.cat([byz.to(chosen.dtype), chosen], dim=1)
         return coordinate_median(stack)
 
@@ -160,6 +163,8 @@ class GuanYu(_Servers):
         super().__init__(sim)
         p = sim.system.params
         self.q, self.qbar = int(p["q"]), int(p["qbar"])
+        #: the honest servers' models of the last τ + 1 steps, newest first (bounded staleness)
+        self.history: collections.deque[Tensor] = collections.deque(maxlen=sim.spec.staleness + 1)
         n, d = sim.spec.workers, sim.dim
         transfers = [("servers", costs.broadcast(self.speaking, n, d)), ("workers", costs.gather(n, self.m, d)),
                      ("servers", self.exchange())]
@@ -167,7 +172,16 @@ class GuanYu(_Servers):
 
     def step(self, s: int) -> StepOutcome:
         sim, h = self.sim, self.sim.h
-        worker_models = self.quorum_medians(h, self.qbar)
+        ages = None
+        if sim.spec.staleness:  # worker j computes on the servers' models of τ_j steps ago (asynchrony)
+            self.history.appendleft(self.models.clone())
+            ages = sim.draw_staleness(len(self.history) - 1)
+            worker_models = torch.empty(h, sim.dim, dtype=sim.dtype, device=sim.device)
+            for age in torch.unique(ages).tolist():
+                rows = (ages == age).nonzero().flatten()
+                worker_models[rows] = self.quorum_medians(rows.numel(), self.qbar, self.history[age])
+        else:
+            worker_models = self.quorum_medians(h, self.qbar)
         x, y = sim.honest_batches()
         same = bool((worker_models == worker_models[0]).all())
         theta = sim.oracle.theta
@@ -197,6 +211,8 @@ class GuanYu(_Servers):
         self.publish()
         values = {"update_applied": float(applied_first), "server_spread": self.spread(),
                   "worker_model_spread": worker_spread, **network}
+        if ages is not None:
+            values["staleness_mean"] = float(ages.double().mean())
         return StepOutcome(losses, clean, sent, byz, first.value, first.selected, self.cost, values)
 
 
