@@ -348,3 +348,35 @@ def test_guanyu_with_stale_workers_and_no_byzantine_server_is_the_stale_one_serv
     torch.testing.assert_close(sim.oracle.theta, engine.oracle.theta, rtol=1e-5, atol=1e-7)
     _, loud = run(vectors, gar="krum", attack="little", staleness=3, steps=60, system="guanyu(m=6,byzantine=1)")
     assert loud.status == "completed" and float(column(loud, "staleness_mean")[3:].mean()) > 1
+
+
+def test_draco_anchored_to_the_one_server_average(vectors):
+    """Independent anchors for DRACO's update (not DRACO against DRACO): with r = 1 every worker is its own
+    group, so the vote returns each worker's gradient and the update is the one-server average (bit for
+    bit); the cyclic code decodes Σ_k g_k over the n tasks drawn by the n workers' generators, so without
+    attack its update is the one-server average of n honest workers (to float32 decoding rounding)."""
+    engine, expected = run(vectors, gar="average", byzantine=0)
+    sim, got = run(vectors, system="draco(r=1)", byzantine=0)
+    assert torch.equal(sim.oracle.theta, engine.oracle.theta)
+    assert got.evaluations == expected.evaluations
+    engine9, _ = run(vectors, gar="average")
+    cyclic, _ = run(vectors, system="draco(r=3,code=cyclic)")
+    torch.testing.assert_close(cyclic.oracle.theta, engine9.oracle.theta, rtol=1e-4, atol=1e-6)
+
+
+def test_quorums_are_filled_adversarially(vectors):
+    """A server's quorum of q gradients holds every delivered Byzantine message, then honest ones: with
+    q = 5 of n = 9 (the last row Byzantine) the average of the quorum is (byz + 4 honest rows)/5."""
+    spec = RunSpec.create(**{**BASE, "gar": "average", "attack": "little", "system": "guanyu(m=3,byzantine=0,q=5)"})
+    sim = SystemSimulation(spec, vectors, CPU)
+    received = torch.zeros(9, sim.dim)
+    received[:8, 0] = 1.0           # honest rows: 1 in coordinate 0
+    received[8, 1] = 1000.0         # the Byzantine row
+    delivered = torch.ones(9, dtype=torch.bool)
+    agg, applied = sim.protocol.aggregate_at(0, received, delivered, 5)
+    assert applied
+    assert float(agg.value[1]) == pytest.approx(200.0) and float(agg.value[0]) == pytest.approx(0.8)
+    lost_byz = delivered.clone()
+    lost_byz[8] = False             # a lost Byzantine message leaves room for one more honest row
+    agg, _ = sim.protocol.aggregate_at(0, received, lost_byz, 5)
+    assert float(agg.value[1]) == 0 and float(agg.value[0]) == pytest.approx(1.0)
