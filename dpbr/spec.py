@@ -742,7 +742,9 @@ class ReconSpec(CellSpec):
         return None if self.state == "initial" else Path(self.state)
 
     def state_token(self) -> str:
-        """``initial``, or ``<stem>-<sha256(normalised path)[:8]>`` for a checkpoint (short, path-safe)."""
+        """``initial``, or ``<run>-<stem>-<sha256(normalised path)[:8]>`` for a checkpoint (short, path-safe):
+        ``<run>`` is the checkpoint folder's name without ``.ckpt`` (the workflow's run id), ``<stem>`` the
+        file's (``step=500``), so the id names the run and the step, and the digest the exact file."""
         if self.state == "initial":
             return "initial"
         import hashlib
@@ -750,8 +752,11 @@ class ReconSpec(CellSpec):
 
         norm = os.path.normpath(self.state)
         digest = hashlib.sha256(norm.encode()).hexdigest()[:8]
-        stem = Path(norm).stem or "checkpoint"
-        return f"{_SAFE.sub('-', stem)[:48]}-{digest}"
+        path = Path(norm)
+        stem = path.stem or "checkpoint"
+        run = path.parent.name[:-len(".ckpt")] if path.parent.name.endswith(".ckpt") else path.parent.name
+        named = f"{_SAFE.sub('-', run)[:24]}-{_SAFE.sub('-', stem)[:24]}" if run else _SAFE.sub('-', stem)[:48]
+        return f"{named}-{digest}"
 
     def cell_id(self) -> str:
         """As :meth:`CellSpec.cell_id`, with the state shown by :meth:`state_token`."""

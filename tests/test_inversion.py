@@ -429,7 +429,8 @@ def test_recon_spec_defaults_per_attack_and_canonical_names():
 def test_recon_spec_checkpoint_state_token():
     s = ReconSpec.create(state="results/train/a,b/c/step=500.pt")
     t = s.state_token()
-    assert t.startswith("step=500-") and len(t) == len("step=500-") + 8
+    assert t.startswith("c-step=500-") and len(t) == len("c-step=500-") + 8  # folder, file, digest
+    assert ReconSpec.create(state="runs/0123456789ab.ckpt/step=4.pt").state_token().startswith("0123456789ab-step=4-")
     assert ReconSpec.create(state="results/train/./a,b/c/step=500.pt").state_token() == t   # same file, same id
     assert ReconSpec.create(state="other/step=500.pt").state_token() != t
     assert f"state={t}" in s.cell_id() and "/" not in t

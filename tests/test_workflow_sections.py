@@ -174,8 +174,58 @@ def test_checkpoint_state_is_refused_with_the_key(tmp_path):
     config = _sections_config()
     config["reconstruct"]["defaults"]["state"] = "runs/x.ckpt/step=1.pt"
     cfg = write_config(tmp_path / "config.yaml", config)
-    with pytest.raises(Exception, match="the workflow attacks the initial model"):
+    with pytest.raises(Exception, match="a grid cell attacks the initial model; name the training run and its "
+                                        "steps under reconstruct.trajectories"):
         snakemake_api(tmp_path, [cfg], dryrun=True)
+
+
+def _recon_trajectory_config() -> dict:
+    """Two reconstruction cells (b = 1, 2) of LeNet on generated images, also attacked at steps 2 and 4 of
+    one training run of the same dataset and model."""
+    run = {"dataset": IMAGES, "model": "lenet", "gar": "average", "attack": "none", "workers": 3, "byzantine": 0,
+           "batch_size": 4, "steps": 4, "eval_every": 0, "lr": 0.1, "momentum": 0.0}
+    return {"device": "cpu", "plots": {"formats": ["html"]},
+            "reconstruct": {"defaults": {"dataset": IMAGES, "model": "lenet", "iterations": 2, "seed": 1},
+                            "grid": [{"batch_size": [1, 2]}],
+                            "trajectories": [{"train": run, "steps": [2, 4]}]}}
+
+
+def test_reconstruct_cells_at_training_checkpoints_dry_run(tmp_path):
+    """The cells at each checkpoint join the grid, name the step and the run in their ids, and wait for the
+    training job that writes the checkpoints."""
+    cfg = write_config(tmp_path / "config.yaml", _recon_trajectory_config())
+    counts = snakemake_api(tmp_path, [cfg], dryrun=True)
+    assert counts["trajectory"] == 1 and counts["reconstruct"] == 2 * 3  # initial, step 2, step 4
+    run = RunSpec.create(**_recon_trajectory_config()["reconstruct"]["trajectories"][0]["train"])
+    state = f"results/trajectories/{run_token(run)}.ckpt/step=4.pt"
+    spec = ReconSpec.create(dataset=IMAGES, model="lenet", iterations=2, seed=1, batch_size=1, state=state)
+    assert f"state={run_token(run)}-step=4-" in spec.cell_id()  # the run and the step
+    bad = _recon_trajectory_config()
+    bad["reconstruct"]["trajectories"][0]["train"]["model"] = "cnn"
+    with pytest.raises(Exception, match="no reconstruct cell has the run's dataset and model"):
+        snakemake_api(tmp_path, [write_config(tmp_path / "bad.yaml", bad)], dryrun=True)
+
+
+@pytest.mark.slow
+def test_reconstruct_at_training_checkpoints_runs_and_reruns_when_they_change(tmp_path):
+    cfg = write_config(tmp_path / "config.yaml", _recon_trajectory_config())
+    counts = snakemake_api(tmp_path, [cfg], dryrun=False)
+    assert counts["trajectory"] == 1 and counts["reconstruct"] == 6
+    table = pd.read_parquet(tmp_path / "results" / "summary" / "reconstruct.parquet")
+    states = set(table["state"])
+    assert len(states) == 3 and "initial" in states and any(s.endswith("step=2.pt") for s in states)
+    assert snakemake_api(tmp_path, [cfg], dryrun=True).get("total", 0) == 0  # nothing left to do
+    # new checkpoints (the training job rerun by hand): the cells attacking them rerun, the others do not
+    run = RunSpec.create(**_recon_trajectory_config()["reconstruct"]["trajectories"][0]["train"])
+    folder = tmp_path / "results" / "trajectories" / f"{run_token(run)}.ckpt"
+    import os
+    import time
+    later = time.time() + 5
+    stamp = folder / ".snakemake_timestamp"  # what Snakemake dates a directory output by
+    for path in (folder, *([stamp] if stamp.exists() else [])):
+        os.utime(path, (later, later))
+    counts = snakemake_api(tmp_path, [cfg], dryrun=True)
+    assert counts["reconstruct"] == 4 and "trajectory" not in counts
 
 
 def test_trajectory_steps_beyond_the_run_are_refused(tmp_path):

@@ -1,17 +1,54 @@
 # Gradient-inversion cells (`dpbr reconstruct`) and their report.
 #
-# Cells come from the `reconstruct:` section (fields of dpbr.spec.ReconSpec). The workflow attacks
-# the model in its initial state (`state: initial`, as `dpbr train` with the same seed starts);
-# checkpoints of training runs are attacked with `dpbr reconstruct --state <file>` directly.
+# Cells come from the `reconstruct:` section (fields of dpbr.spec.ReconSpec). A grid cell attacks the
+# model in its initial state (`state: initial`, as `dpbr train` with the same seed starts). The section
+# may name `trajectories` (as `vn.trajectories`: training runs and steps); every grid cell of the same
+# dataset and model is then also attacked at each of those checkpoints — the model in training, as the
+# study attacks LeNet "in the middle of the training". The run is the `trajectory` job of vn.smk
+# (`<results>/trajectories/<run id>.ckpt/step=S.pt`); the cell's state is that file (its id names the
+# step and a digest of the path, which holds the run id), and its job reads the checkpoint folder, so
+# it runs after the training job and again when the checkpoints change.
 
 from dpbr.report import inversion_report as dpbr_inversion_report
 
-for _spec in RECON.values():
-    if _spec.state != "initial":
-        raise WorkflowError(
-            f"config error: reconstruct: state {_spec.state!r}: the workflow attacks the initial model "
-            "(state: initial); attack a training checkpoint with `dpbr reconstruct --state FILE`"
-        )
+
+def _with_checkpoint_states(cells):
+    """The grid's cells (state initial only: any other state comes from `reconstruct.trajectories`), plus
+    each of them at every checkpoint of every trajectory of its dataset and model; and
+    ``{state path: run id}`` of those checkpoints."""
+    out, tokens = dict(cells), {}
+    for spec in cells.values():
+        if spec.state != "initial":
+            raise WorkflowError(
+                f"config error: reconstruct: state {spec.state!r}: a grid cell attacks the initial model; name "
+                "the training run and its steps under reconstruct.trajectories (or attack a checkpoint with "
+                "`dpbr reconstruct --state FILE`)")
+    for token, (run, steps) in RECON_TRAJECTORIES.items():
+        matching = [s for s in cells.values() if (s.dataset, s.model) == (run.dataset, run.model)]
+        if not matching:
+            raise WorkflowError(f"config error: reconstruct.trajectories: no reconstruct cell has the run's dataset "
+                                f"and model ({run.dataset}, {run.model})")
+        for spec in matching:
+            for step in steps:
+                path = trajectory_checkpoint(token, step)
+                try:
+                    moved = replace_spec(spec, state=path)
+                except UsageError as exc:
+                    raise WorkflowError(f"config error: reconstruct.trajectories: {exc.one_line()}") from None
+                out[moved.cell_id()] = moved
+                tokens[path] = token
+    return out, tokens
+
+
+RECON, RECON_STATE_RUNS = _with_checkpoint_states(RECON)
+RECON_CELLS = CellSection("reconstruct", ReconSpec, RECON)
+RECON_FILES = RECON_CELLS.targets()
+
+
+def recon_checkpoint(wildcards):
+    """The checkpoint folder a reconstruction cell reads (none at the initial model)."""
+    spec = RECON_CELLS.lookup(wildcards)
+    return [] if spec.state == "initial" else [trajectory_dir(RECON_STATE_RUNS[spec.state])]
 
 
 rule reconstruct:
@@ -21,6 +58,7 @@ rule reconstruct:
     so that the slurm-gpu profile gives it a GPU."""
     input:
         data_inputs(RECON_CELLS),
+        checkpoint=recon_checkpoint,
     output:
         parquet=RECON_CELLS.pattern(),
         png=RECON_CELLS.pattern(suffix=".png"),

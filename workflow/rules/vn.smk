@@ -1,4 +1,5 @@
-# VN-ratio cells (`dpbr vn`), the training runs whose checkpoints they measure, and the VN report.
+# VN-ratio cells (`dpbr vn`), the training runs whose checkpoints they (and the reconstruction cells of
+# reconstruct.smk) measure, and the VN report.
 #
 # A `vn:` cell measures the initial parameters (`run: init`) unless the section names
 # `trajectories`: training runs (RunSpec fields) and the steps at which to measure them. Every grid
@@ -12,31 +13,46 @@ from dpbr.spec import replace as replace_spec
 from dpbr.spec import run_token
 
 
-def _trajectories():
-    """``{run id: (RunSpec, steps)}`` of the `vn.trajectories` entries."""
+def _trajectories(section):
+    """``{run id: (RunSpec, steps)}`` of the ``<section>.trajectories`` entries (``vn`` or ``reconstruct``)."""
     out = {}
-    for i, entry in enumerate((config.get("vn") or {}).get("trajectories") or []):
+    for i, entry in enumerate((config.get(section) or {}).get("trajectories") or []):
         try:
             spec = RunSpec.create(**entry["train"])
         except UsageError as exc:
-            raise WorkflowError(f"config error: vn.trajectories[{i}].train: {exc.one_line()}") from None
+            raise WorkflowError(f"config error: {section}.trajectories[{i}].train: {exc.one_line()}") from None
         steps = sorted({int(s) for s in entry["steps"]})
         bad = [s for s in steps if s > spec.steps]
         if bad:
-            raise WorkflowError(f"config error: vn.trajectories[{i}].steps: {bad[0]} is beyond the run's {spec.steps} steps")
+            raise WorkflowError(f"config error: {section}.trajectories[{i}].steps: {bad[0]} is beyond the run's "
+                                f"{spec.steps} steps")
         token = run_token(spec)
         known = out.get(token)
         out[token] = (spec, sorted(set(steps) | set(known[1] if known else ())))
     return out
 
 
-TRAJECTORIES = _trajectories()
+def _merged(*sections):
+    """One ``{run id: (RunSpec, steps)}`` of several sections' trajectories: one training job per run,
+    saving every step any section asks for."""
+    out = {}
+    for trajectories in sections:
+        for token, (spec, steps) in trajectories.items():
+            known = out.get(token)
+            out[token] = (spec, sorted(set(steps) | set(known[1] if known else ())))
+    return out
+
+
+VN_TRAJECTORIES = _trajectories("vn")
+#: the runs whose checkpoints the `reconstruct:` cells attack (reconstruct.smk)
+RECON_TRAJECTORIES = _trajectories("reconstruct")
+TRAJECTORIES = _merged(VN_TRAJECTORIES, RECON_TRAJECTORIES)
 
 
 def _with_trajectories(cells):
     """The grid's cells, plus each of them at every checkpoint of every trajectory of its model."""
     out = dict(cells)
-    for token, (run, steps) in TRAJECTORIES.items():
+    for token, (run, steps) in VN_TRAJECTORIES.items():
         for spec in cells.values():
             if (spec.dataset, spec.model) != (run.dataset, run.model):
                 continue
@@ -55,6 +71,11 @@ def trajectory_dir(token):
     return os.path.join(RESULTS, "trajectories", f"{token}.ckpt")
 
 
+def trajectory_checkpoint(token, step):
+    """The checkpoint file of run ``token`` at ``step`` (``dpbr train --checkpoint-steps``)."""
+    return os.path.join(trajectory_dir(token), f"step={step}.pt")
+
+
 def vn_checkpoint(wildcards):
     """The checkpoint folder a VN cell reads (none at the initial parameters)."""
     spec = VN_CELLS.lookup(wildcards)
@@ -64,12 +85,12 @@ def vn_checkpoint(wildcards):
 
 def vn_args(wildcards, input):
     spec = VN_CELLS.lookup(wildcards)
-    where = "init" if spec.run == "init" else os.path.join(trajectory_dir(spec.run), f"step={spec.step}.pt")
+    where = "init" if spec.run == "init" else trajectory_checkpoint(spec.run, spec.step)
     return shell_args([*spec.cli_args(), "--checkpoint", where])
 
 
 rule trajectory:
-    """A training run of `vn.trajectories` with checkpoints at the requested steps
+    """A training run of `vn.trajectories` or `reconstruct.trajectories` with checkpoints at the requested steps
     (`<results>/trajectories/<run id>.ckpt/step=S.pt`; its metrics beside, `<run id>.parquet`)."""
     input:
         lambda wc: [ancient(f) for f in dataset_files(TRAJECTORIES[wc.token][0].dataset)],
