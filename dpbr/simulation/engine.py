@@ -269,17 +269,23 @@ class Simulation:
         (rows ``h..n-1``); returns whether they are copies of one vector (none: ``False``)."""
         if self.f_real == 0:
             return False
+        forged = self._forge(slot.sent, run.gar_state, run.attack_state, out=slot.byz)
+        run.attack_state = forged.state
+        return forged.copies
+
+    def _forge(self, sent: Tensor, gar_state: Any, attack_state: Any, out: Tensor | None = None) -> Any:
+        """The attack's ``Forged`` (``f_real`` vectors from the honest vectors ``sent``, written to ``out`` when
+        given): the Byzantine workers' own gradients for attacks that compute on data, the server's rule with
+        its state ``gar_state`` for attacks that search against it."""
         attack = self.attack
         own = None
         if attack.needs_own_gradients:
             bidx = self.sampler.sample(self._byzantine_workers)
             labels = attack.label_map(self.data.y_train[bidx], self.data.num_classes)
             own, _ = self._own_gradients(bidx, labels)
-        target = ServerRule(self.rule, self.spec.byzantine, run.gar_state) if attack.needs_aggregator else None
-        forged = attack.forge(slot.sent, self.f_real, aggregator=target, generator=self.attack_gen,
-                              own=own, state=run.attack_state, out=slot.byz)
-        run.attack_state = forged.state
-        return forged.copies
+        target = ServerRule(self.rule, self.spec.byzantine, gar_state) if attack.needs_aggregator else None
+        return attack.forge(sent, self.f_real, aggregator=target, generator=self.attack_gen, own=own,
+                            state=attack_state, out=out)
 
     def _aggregate(self, run: _Run, slot: _Slot, copies: bool) -> tuple[Any, Tensor | None]:
         """Phase *aggregation*: the rule on the ``n`` rows of ``slot.stacked`` with the declared ``f``.

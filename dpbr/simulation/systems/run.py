@@ -34,7 +34,7 @@ from torch import Tensor
 from dpbr import rng
 from dpbr import system_catalog as catalog
 from dpbr.simulation.buffers import StepBuffers
-from dpbr.simulation.engine import RunResult, ServerRule, Simulation, _first_divergence
+from dpbr.simulation.engine import RunResult, Simulation, _first_divergence
 from dpbr.simulation.metrics import STEP_COLUMNS
 from dpbr.simulation.systems import costs as cost_model
 from dpbr.simulation.systems.network import transmit
@@ -162,10 +162,7 @@ class SystemSimulation(Simulation):
         super().__init__(spec, dataset, device, strategy=strategy, chunk=chunk)
         from dpbr.simulation.systems import draco, servers
 
-        self.system = catalog.check_system(
-            catalog.parse_system(spec.system), workers=spec.workers, byzantine=spec.byzantine,
-            byzantine_real=spec.byzantine_real, gar=spec.gar, staleness=spec.staleness,
-            worker_momentum=spec.worker_momentum)
+        self.system = catalog.parse_system(spec.system)  # checked, derived parameters filled in: RunSpec.create
         self.network = catalog.parse_network(spec.network)
         self.link = link_of(self.network)
         gen_dev = device if device.type == "cuda" else "cpu"
@@ -230,14 +227,7 @@ class SystemSimulation(Simulation):
         attack's next state."""
         if self.f_real == 0:
             return None, attack_state
-        own = None
-        if self.attack.needs_own_gradients:
-            bidx = self.sampler.sample(self._byzantine_workers)
-            labels = self.attack.label_map(self.data.y_train[bidx], self.data.num_classes)
-            own, _ = self._own_gradients(bidx, labels)
-        target = ServerRule(self.rule, self.spec.byzantine, gar_state) if self.attack.needs_aggregator else None
-        forged = self.attack.forge(sent, self.f_real, aggregator=target, generator=self.attack_gen, own=own,
-                                   state=attack_state)
+        forged = self._forge(sent, gar_state, attack_state)
         return forged.value, forged.state
 
     @staticmethod
